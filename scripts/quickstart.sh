@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up, builds and runs retort's main job on CPU. Until the full quickstart
+# pipeline lands, the main job runs the V4 model shipped in tests/fixtures/v4/q
+# (released layout: FP8 weights, MXFP4 experts): it prints the model summary,
+# generates tokens and checks a full forward against the reference logits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+bash scripts/build.sh
+model=tests/fixtures/v4/q
+./build/controller/retort inspect --model "$model" --context 4096
+./build/controller/retort generate --model "$model" --tokens "0 17 42 99" --max-new-tokens 24 --temperature 0.8 --seed 7
+out=$(mktemp -d)
+./build/controller/retort forward --model "$model" --input "$model/expected.safetensors" \
+  --output "$out/out.safetensors" --decode-from 37 --compare "$model/expected.safetensors"
