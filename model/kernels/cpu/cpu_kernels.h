@@ -1,0 +1,55 @@
+// CPU reference kernels: the numerical specification of retort's ops.
+//
+// Plain loops with fp32 accumulation; the matmuls have a fast path (OpenBLAS
+// sgemm for dense f32 weights, a blocked MXFP4 kernel that decodes 32-value
+// blocks in registers) tested against the plain loop. All pointers are
+// row-major and contiguous; shapes are given explicitly. Functions are
+// thread-safe and parallelise internally over the default ThreadPool.
+#ifndef RETORT_MODEL_KERNELS_CPU_CPU_KERNELS_H_
+#define RETORT_MODEL_KERNELS_CPU_CPU_KERNELS_H_
+
+#include <cstdint>
+
+namespace retort::cpu {
+
+// y[t, o] = sum_i x[t, i] * w[o, i]   (x: [T, in], w: [out, in], y: [T, out]).
+// Uses OpenBLAS sgemm.
+void MatMul(const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y);
+// The same with plain loops (the specification MatMul is tested against).
+void MatMulReference(const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y);
+
+// y = x W^T with W in MXFP4: codes [out, in/2] (two e2m1 per byte, low nibble
+// first), scales [out, in/32] E8M0. The weights are never expanded in memory:
+// each 32-value block is decoded into registers and consumed by all T rows of x.
+// in % 32 == 0.
+void MxFp4MatMul(const float* x, int64_t T, int64_t in, const uint8_t* codes, const uint8_t* scales,
+                 int64_t out, float* y);
+// Dequantizes MXFP4 to f32 [out, in] (reference / tests / QAT; not the hot path).
+void DequantizeMxFp4(const uint8_t* codes, const uint8_t* scales, int64_t out, int64_t in, float* w);
+// Dequantizes FP8 e4m3 [rows, cols] with E8M0 scales per 128x128 block
+// ([ceil(rows/128), ceil(cols/128)]) to f32.
+void DequantizeFp8Blocks(const uint8_t* codes, const uint8_t* scales, int64_t rows, int64_t cols, float* w);
+
+// y[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * (weight ? weight : 1); x: [T, D]. In place allowed.
+void RmsNorm(const float* x, int64_t T, int64_t D, const float* weight, float eps, float* y);
+
+// Interleaved RoPE (pairs (2i, 2i+1)) on the trailing `rope_dim` dims of each of
+// `rows` vectors of width `dim`, all at one position with per-pair angles
+// `angle[i] = pos * inv_freq[i]`: sign = +1 rotates, -1 applies the inverse.
+void ApplyRope(float* x, int64_t rows, int64_t dim, int64_t rope_dim, const float* cos_t,
+               const float* sin_t, float sign);
+
+// softmax-free helpers
+inline float Sigmoid(float x) { return 1.0f / (1.0f + __builtin_expf(-x)); }
+inline float Silu(float x) { return x / (1.0f + __builtin_expf(-x)); }
+// log(1 + e^x), stable for large |x|; matches torch.nn.functional.softplus (threshold 20).
+float Softplus(float x);
+
+// Sinkhorn projection of the hc x hc mHC combination logits (in place, row-major
+// [i][j]): row softmax + eps, column normalise, then (iters-1) x (row, column)
+// normalisations, each dividing by (sum + eps).
+void SinkhornProject(float* m, int hc, int iters, float eps);
+
+}  // namespace retort::cpu
+
+#endif  // RETORT_MODEL_KERNELS_CPU_CPU_KERNELS_H_
