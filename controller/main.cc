@@ -48,9 +48,22 @@ int main(int argc, char** argv) {
     return 2;
   }
   // Parse flags from everything after the subcommand name.
+  // Abseil spells flags with underscores; the CLI accepts dashes too
+  // (--max-new-tokens == --max_new_tokens). Only the name before '=' changes.
+  std::vector<std::string> storage;
+  storage.reserve(argc);
+  for (int i = 2; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.size() > 2 && a[0] == '-' && a[1] == '-') {
+      const size_t eq = a.find('=');
+      for (size_t j = 2; j < std::min(eq, a.size()); ++j)
+        if (a[j] == '-') a[j] = '_';
+    }
+    storage.push_back(std::move(a));
+  }
   std::vector<char*> rest;
   rest.push_back(argv[0]);
-  for (int i = 2; i < argc; ++i) rest.push_back(argv[i]);
+  for (auto& a : storage) rest.push_back(a.data());
   std::vector<char*> positional = absl::ParseCommandLine(static_cast<int>(rest.size()), rest.data());
   std::vector<std::string> args(positional.begin() + 1, positional.end());
   return cmd->run(args);

@@ -77,6 +77,24 @@ int64_t Model::ActivatedParameterCount() const {
          static_cast<int64_t>(config_.num_layers) * (config_.n_routed_experts - config_.experts_per_token) * expert;
 }
 
+int64_t Model::StateBytes(int64_t length) const {
+  const auto& c = config_;
+  int64_t floats = 0;
+  auto compressor = [&](int m, int64_t dim, bool overlap) {
+    const int64_t coff = overlap ? 2 : 1;
+    int64_t f = (length / m) * dim + 2 * (length % m) * coff * dim;  // entries + open-window kv/score rows
+    if (overlap && length >= m) f += 2 * m * dim;                   // previous window's first half
+    return f;
+  };
+  for (int l = 0; l < c.num_layers; ++l) {
+    floats += c.sliding_window * c.head_dim;
+    if (c.attention[l] != AttentionKind::kSliding)
+      floats += compressor(c.compress_ratio[l], c.head_dim, c.attention[l] == AttentionKind::kCsa);
+    if (c.attention[l] == AttentionKind::kCsa) floats += compressor(c.compress_ratio[l], c.index_head_dim, true);
+  }
+  return floats * static_cast<int64_t>(sizeof(float));
+}
+
 // ModelRunner holds the scratch of one Step.
 class ModelRunner {
  public:

@@ -127,6 +127,9 @@ class DecodeState {
   int64_t length() const { return length_; }
   // Exact bytes held (window rings, compressed entries, compressor rows, indexer keys).
   int64_t Bytes() const;
+  // Compressed KV entries (CSA/HCA) and indexer keys (CSA) emitted so far in `layer`.
+  int64_t CompressedEntries(int layer) const { return layers_[layer].kv.num_entries; }
+  int64_t IndexerKeys(int layer) const { return layers_[layer].index.num_entries; }
 
  private:
   friend class Model;
@@ -169,6 +172,10 @@ class Model {
   // Parameter counts: all, and activated per token (routed experts: k of E).
   int64_t ParameterCount() const;
   int64_t ActivatedParameterCount() const;
+  // Bytes a DecodeState holds after `length` tokens (what DecodeState::Bytes
+  // reports), computed without running the model: window rings, compressed
+  // entries, open-window compressor rows and CSA overlap rows, indexer keys.
+  int64_t StateBytes(int64_t length) const;
 
  private:
   Model() = default;

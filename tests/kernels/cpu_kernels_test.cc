@@ -1,0 +1,145 @@
+// CPU kernels: fast paths against their plain twins on odd shapes; Sinkhorn,
+// RoPE and the block decoders against hand-checkable properties.
+#include "model/kernels/cpu/cpu_kernels.h"
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "model/tensor/dtype.h"
+
+namespace retort::cpu {
+namespace {
+
+constexpr uint64_t kSeed = 20261122;
+
+std::vector<float> Random(std::mt19937_64& rng, size_t n, float scale = 1.0f) {
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+TEST(CpuKernelsTest, MatMulMatchesReferenceOnOddShapes) {
+  std::mt19937_64 rng(kSeed);
+  for (int64_t T : {1, 7, 19}) {
+    for (int64_t in : {1, 7, 111}) {
+      for (int64_t out : {1, 19, 989}) {
+        auto x = Random(rng, T * in), w = Random(rng, out * in);
+        std::vector<float> y(T * out), r(T * out);
+        MatMul(x.data(), T, in, w.data(), out, y.data());
+        MatMulReference(x.data(), T, in, w.data(), out, r.data());
+        for (int64_t i = 0; i < T * out; ++i)
+          ASSERT_NEAR(y[i], r[i], 1e-4f * (1 + std::sqrt(static_cast<float>(in))))
+              << "seed " << kSeed << " T=" << T << " in=" << in << " out=" << out;
+      }
+    }
+  }
+}
+
+TEST(CpuKernelsTest, MxFp4MatMulMatchesDequantizedReference) {
+  std::mt19937_64 rng(kSeed);
+  std::uniform_int_distribution<int> byte(0, 255), sc(120, 130);
+  for (int64_t T : {1, 7, 19}) {
+    for (int64_t in : {32, 96, 224}) {
+      for (int64_t out : {1, 7, 111}) {
+        std::vector<uint8_t> codes(out * in / 2), scales(out * in / 32);
+        for (auto& c : codes) c = static_cast<uint8_t>(byte(rng));
+        for (auto& s : scales) s = static_cast<uint8_t>(sc(rng));
+        auto x = Random(rng, T * in);
+        std::vector<float> w(out * in), y(T * out), r(T * out);
+        DequantizeMxFp4(codes.data(), scales.data(), out, in, w.data());
+        MxFp4MatMul(x.data(), T, in, codes.data(), scales.data(), out, y.data());
+        MatMulReference(x.data(), T, in, w.data(), out, r.data());
+        for (int64_t i = 0; i < T * out; ++i)
+          ASSERT_NEAR(y[i], r[i], 1e-5f * (1 + std::fabs(r[i])) * std::sqrt(static_cast<float>(in)))
+              << "seed " << kSeed << " T=" << T << " in=" << in << " out=" << out;
+      }
+    }
+  }
+}
+
+TEST(CpuKernelsTest, MxFp4DecodesLowNibbleFirstWithItsScale) {
+  // Row 0: bytes 0x21 -> elements (1: 0.5, 2: 1.0); scale 2^1.
+  std::vector<uint8_t> codes(16, 0), scales = {128};
+  codes[0] = 0x21;
+  codes[15] = 0xF7;  // elements 30 = code 7 (6.0), 31 = code 15 (-6.0)
+  std::vector<float> w(32);
+  DequantizeMxFp4(codes.data(), scales.data(), 1, 32, w.data());
+  EXPECT_EQ(w[0], 1.0f);
+  EXPECT_EQ(w[1], 2.0f);
+  EXPECT_EQ(w[30], 12.0f);
+  EXPECT_EQ(w[31], -12.0f);
+}
+
+TEST(CpuKernelsTest, Fp8BlockScalesApplyPer128x128Block) {
+  const int64_t rows = 130, cols = 129;  // 2 x 2 blocks, ragged edges
+  std::vector<uint8_t> codes(rows * cols, 0x38);  // 1.0
+  std::vector<uint8_t> scales = {127, 128, 129, 126};  // 1, 2, 4, 0.5
+  std::vector<float> w(rows * cols);
+  DequantizeFp8Blocks(codes.data(), scales.data(), rows, cols, w.data());
+  EXPECT_EQ(w[0], 1.0f);
+  EXPECT_EQ(w[128], 2.0f);
+  EXPECT_EQ(w[128 * cols], 4.0f);
+  EXPECT_EQ(w[129 * cols + 128], 0.5f);
+}
+
+TEST(CpuKernelsTest, SinkhornIsDoublyStochastic) {
+  // mHC combination logits are O(1) (scale2 * mix + base); 20 alternating
+  // normalisations end on a column step, so columns sum to 1 exactly and rows
+  // to within the convergence of the iteration.
+  std::mt19937_64 rng(kSeed);
+  for (int trial = 0; trial < 100; ++trial) {
+    auto m = Random(rng, 16, 1.0f);
+    SinkhornProject(m.data(), 4, 20, 1e-6f);
+    for (int i = 0; i < 4; ++i) {
+      float row = 0, col = 0;
+      for (int j = 0; j < 4; ++j) {
+        row += m[i * 4 + j];
+        col += m[j * 4 + i];
+        EXPECT_GT(m[i * 4 + j], 0.0f);
+      }
+      EXPECT_NEAR(col, 1.0f, 1e-5f) << "seed " << kSeed << " trial " << trial;
+      EXPECT_NEAR(row, 1.0f, 1e-5f) << "seed " << kSeed << " trial " << trial;
+    }
+  }
+}
+
+TEST(CpuKernelsTest, InverseRopeUndoesRopeAndRotatesOnlyTrailingPairs) {
+  std::mt19937_64 rng(kSeed);
+  const int64_t dim = 24, rope = 8;
+  auto x = Random(rng, 3 * dim), orig = x;
+  std::vector<float> c(rope / 2), s(rope / 2);
+  for (int i = 0; i < rope / 2; ++i) {
+    c[i] = std::cos(0.37f * (i + 1));
+    s[i] = std::sin(0.37f * (i + 1));
+  }
+  ApplyRope(x.data(), 3, dim, rope, c.data(), s.data(), 1.0f);
+  for (int64_t r = 0; r < 3; ++r)
+    for (int64_t i = 0; i < dim - rope; ++i) EXPECT_EQ(x[r * dim + i], orig[r * dim + i]);
+  // Pair (2i, 2i+1) rotates by angle_i: the norm of each pair is kept.
+  for (int64_t r = 0; r < 3; ++r)
+    for (int64_t i = 0; i < rope / 2; ++i) {
+      const float* a = &x[r * dim + dim - rope + 2 * i];
+      const float* b = &orig[r * dim + dim - rope + 2 * i];
+      EXPECT_NEAR(a[0] * a[0] + a[1] * a[1], b[0] * b[0] + b[1] * b[1], 1e-5f);
+      EXPECT_NEAR(a[0], b[0] * c[i] - b[1] * s[i], 1e-6f);
+    }
+  ApplyRope(x.data(), 3, dim, rope, c.data(), s.data(), -1.0f);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(x[i], orig[i], 1e-6f);
+}
+
+TEST(CpuKernelsTest, RmsNormAndSoftplus) {
+  std::vector<float> x = {3.0f, 4.0f}, w = {1.0f, 2.0f}, y(2);
+  RmsNorm(x.data(), 1, 2, w.data(), 0.0f, y.data());
+  const float r = 1.0f / std::sqrt(12.5f);
+  EXPECT_NEAR(y[0], 3 * r, 1e-6f);
+  EXPECT_NEAR(y[1], 8 * r, 1e-6f);
+  EXPECT_NEAR(Softplus(0.0f), std::log(2.0f), 1e-7f);
+  EXPECT_EQ(Softplus(30.0f), 30.0f);
+  EXPECT_NEAR(Softplus(-30.0f), std::exp(-30.0f), 1e-15f);
+}
+
+}  // namespace
+}  // namespace retort::cpu

@@ -1,0 +1,116 @@
+// V4 model pieces with hand-checkable properties: compressed-entry emission
+// and visibility, state accounting, YaRN frequencies, causality, bad input.
+#include <cmath>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "model/io/v4_config.h"
+#include "model/v4/model.h"
+
+namespace retort::v4 {
+namespace {
+
+std::unique_ptr<Model> LoadOrDie(const std::string& name) {
+  auto m = Model::Load("tests/fixtures/v4/" + name);
+  EXPECT_TRUE(m.ok()) << m.status();
+  return m.ok() ? std::move(m).value() : nullptr;
+}
+
+TEST(V4ComponentsTest, CompressorsEmitOneEntryPerCompleteWindowAndStateBytesAreExact) {
+  auto model = LoadOrDie("a");  // HCA m'=16, CSA m=4, sliding; window 8
+  ASSERT_NE(model, nullptr);
+  const auto& c = model->config();
+  auto state = model->NewState();
+  std::mt19937_64 rng(5);
+  std::uniform_int_distribution<int64_t> tok(2, c.vocab_size - 1);
+  int64_t length = 0;
+  for (int64_t chunk : {1, 3, 4, 9, 16, 1, 1, 30}) {  // ragged chunks cross window edges
+    std::vector<int64_t> ids(chunk);
+    for (auto& t : ids) t = tok(rng);
+    std::vector<Model::Chunk> chunks = {{state.get(), ids}};
+    ASSERT_TRUE(model->Step(chunks).ok());
+    length += chunk;
+    ASSERT_EQ(state->length(), length);
+    for (int l = 0; l < c.num_layers; ++l) {
+      const int64_t want = c.attention[l] == io::AttentionKind::kSliding ? 0 : length / c.compress_ratio[l];
+      EXPECT_EQ(state->CompressedEntries(l), want) << "layer " << l << " after " << length << " tokens";
+      EXPECT_EQ(state->IndexerKeys(l), c.attention[l] == io::AttentionKind::kCsa ? want : 0) << "layer " << l;
+    }
+    EXPECT_EQ(state->Bytes(), model->StateBytes(length)) << "after " << length << " tokens";
+  }
+}
+
+TEST(V4ComponentsTest, LogitsAtPositionTDoNotDependOnLaterTokens) {
+  auto model = LoadOrDie("b");
+  ASSERT_NE(model, nullptr);
+  const int64_t V = model->config().vocab_size, T = 70;
+  std::mt19937_64 rng(11);
+  std::uniform_int_distribution<int64_t> tok(2, V - 1);
+  std::vector<int64_t> a(T), b;
+  for (auto& t : a) t = tok(rng);
+  b = a;
+  for (int64_t t = 40; t < T; ++t) b[t] = tok(rng);
+  auto sa = model->NewState(), sb = model->NewState();
+  std::vector<Model::Chunk> ca = {{sa.get(), a}}, cb = {{sb.get(), b}};
+  auto la = model->Step(ca), lb = model->Step(cb);
+  ASSERT_TRUE(la.ok() && lb.ok());
+  // Equal up to fp32 summation order (sgemm blocks rows of the batch
+  // differently); a causality leak would move logits by O(0.1).
+  for (int64_t i = 0; i < 40 * V; ++i) ASSERT_NEAR((*la)[i], (*lb)[i], 1e-5f) << "position " << i / V;
+  float later = 0.0f;
+  for (int64_t i = 41 * V; i < T * V; ++i) later = std::max(later, std::fabs((*la)[i] - (*lb)[i]));
+  EXPECT_GT(later, 1e-2f) << "changing tokens 40.. should change the logits after them";
+}
+
+TEST(V4ComponentsTest, YarnRampMatchesTheSpecWhereLoClampsToZero) {
+  io::RopeConfig r;
+  r.theta = 160000;
+  r.yarn = true;
+  r.factor = 16;
+  r.original_max_position = 64;
+  const auto f = RopeInverseFrequencies(r, 16);  // lo = 0, hi = ceil(1.55) = 2
+  io::RopeConfig plain = r;
+  plain.yarn = false;
+  const auto g = RopeInverseFrequencies(plain, 16);
+  ASSERT_EQ(f.size(), 8u);
+  EXPECT_FLOAT_EQ(f[0], g[0]);                                 // ramp 0: extrapolation
+  EXPECT_FLOAT_EQ(f[1], g[1] * 0.5f / 16 + g[1] * 0.5f);      // ramp 1/2
+  for (int i = 2; i < 8; ++i) EXPECT_FLOAT_EQ(f[i], g[i] / 16);  // ramp 1: interpolation
+  EXPECT_FLOAT_EQ(g[1], std::pow(160000.0f, -2.0f / 16));
+}
+
+TEST(V4ComponentsTest, BadTokensAreRejectedAndLeaveStateUntouched) {
+  auto model = LoadOrDie("a");
+  ASSERT_NE(model, nullptr);
+  auto s = model->NewState();
+  std::vector<int64_t> ok = {2, 3}, bad = {4, model->config().vocab_size};
+  std::vector<Model::Chunk> c1 = {{s.get(), ok}};
+  ASSERT_TRUE(model->Step(c1).ok());
+  std::vector<Model::Chunk> c2 = {{s.get(), bad}};
+  auto r = model->Step(c2);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("outside the vocabulary"), absl::string_view::npos);
+  EXPECT_EQ(s->length(), 2);
+  std::vector<Model::Chunk> dup = {{s.get(), ok}, {s.get(), ok}};
+  EXPECT_FALSE(model->Step(dup).ok());
+}
+
+TEST(V4ComponentsTest, ConfigLayoutsAgreeOnTheFixtures) {
+  auto hf = io::LoadV4Config("tests/fixtures/v4/b");
+  auto rel = io::LoadV4Config("tests/fixtures/v4/q");
+  ASSERT_TRUE(hf.ok()) << hf.status();
+  ASSERT_TRUE(rel.ok()) << rel.status();
+  EXPECT_EQ(hf->layout, io::CheckpointLayout::kHf);
+  EXPECT_EQ(rel->layout, io::CheckpointLayout::kReleased);
+  EXPECT_EQ(hf->rope_dim, 16);
+  EXPECT_TRUE(hf->compress_rope.yarn);
+  EXPECT_FALSE(hf->main_rope.yarn);
+  EXPECT_EQ(rel->compress_ratio, (std::vector<int>{0, 4, 16, 4, 16}));
+  EXPECT_EQ(rel->hash_routed, (std::vector<bool>{true, true, false, false, false}));
+  EXPECT_TRUE(rel->fp8_weights);
+  EXPECT_EQ(rel->expert_dtype, "fp4");
+  EXPECT_EQ(rel->compress_rope.original_max_position, 256);
+}
+
+}  // namespace
+}  // namespace retort::v4
