@@ -263,6 +263,28 @@ int64_t Checkpoint::TotalBytes() const {
   return total;
 }
 
+std::vector<std::string> TensorMap::TensorNames() const {
+  std::vector<std::string> names;
+  for (const auto& [n, t] : tensors_) names.push_back(n);
+  return names;
+}
+
+absl::StatusOr<TensorEntry> TensorMap::Entry(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) return absl::NotFoundError(absl::StrCat(description_, ": missing tensor '", name, "'"));
+  TensorEntry e;
+  e.dtype = it->second.dtype();
+  e.shape = it->second.shape();
+  e.end = it->second.nbytes();
+  return e;
+}
+
+absl::StatusOr<Tensor> TensorMap::Get(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) return absl::NotFoundError(absl::StrCat(description_, ": missing tensor '", name, "'"));
+  return it->second;
+}
+
 absl::Status WriteSafetensors(const std::string& path,
                               const std::vector<std::pair<std::string, Tensor>>& tensors,
                               const std::map<std::string, std::string>& metadata) {

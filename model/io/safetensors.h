@@ -57,21 +57,53 @@ class SafetensorsFile {
   size_t data_size_ = 0;
 };
 
+// Where a model's named tensors come from: a checkpoint on disk, or tensors
+// received in memory (e.g. a weight push to a rollout worker).
+class TensorSource {
+ public:
+  virtual ~TensorSource() = default;
+  virtual std::vector<std::string> TensorNames() const = 0;  // sorted
+  virtual bool Has(const std::string& name) const = 0;
+  [[nodiscard]] virtual absl::StatusOr<TensorEntry> Entry(const std::string& name) const = 0;
+  [[nodiscard]] virtual absl::StatusOr<Tensor> Get(const std::string& name) const = 0;
+  // Where `name` lives, for error messages (a file path, or a description).
+  virtual std::string FileOf(const std::string& name) const = 0;
+  virtual std::string Describe() const = 0;
+};
+
+// Tensors held in memory under their names.
+class TensorMap final : public TensorSource {
+ public:
+  explicit TensorMap(std::string description = "tensors in memory") : description_(std::move(description)) {}
+  void Add(const std::string& name, Tensor t) { tensors_[name] = std::move(t); }
+  std::vector<std::string> TensorNames() const override;
+  bool Has(const std::string& name) const override { return tensors_.count(name) > 0; }
+  absl::StatusOr<TensorEntry> Entry(const std::string& name) const override;
+  absl::StatusOr<Tensor> Get(const std::string& name) const override;
+  std::string FileOf(const std::string& name) const override { return description_; }
+  std::string Describe() const override { return description_; }
+
+ private:
+  std::string description_;
+  std::map<std::string, Tensor> tensors_;
+};
+
 // A checkpoint directory: `model.safetensors`, or `model.safetensors.index.json`
 // whose weight_map names the shard of every tensor, or (fallback) every
 // *.safetensors file in the directory. Tensor names must be unique across shards.
-class Checkpoint {
+class Checkpoint final : public TensorSource {
  public:
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<Checkpoint>> Open(const std::string& dir);
 
   const std::string& dir() const { return dir_; }
-  std::vector<std::string> TensorNames() const;  // sorted
-  bool Has(const std::string& name) const { return where_.count(name) > 0; }
+  std::vector<std::string> TensorNames() const override;  // sorted
+  bool Has(const std::string& name) const override { return where_.count(name) > 0; }
   // The entry (dtype, shape) without touching data; NotFound when absent.
-  [[nodiscard]] absl::StatusOr<TensorEntry> Entry(const std::string& name) const;
-  [[nodiscard]] absl::StatusOr<Tensor> Get(const std::string& name) const;
+  [[nodiscard]] absl::StatusOr<TensorEntry> Entry(const std::string& name) const override;
+  [[nodiscard]] absl::StatusOr<Tensor> Get(const std::string& name) const override;
   // The shard file that holds `name` (for messages).
-  std::string FileOf(const std::string& name) const;
+  std::string FileOf(const std::string& name) const override;
+  std::string Describe() const override { return dir_; }
   int64_t TotalBytes() const;
 
  private:

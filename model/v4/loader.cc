@@ -20,17 +20,18 @@ namespace {
 
 using io::AttentionKind;
 using io::Checkpoint;
+using io::TensorSource;
 using io::V4Config;
 
 class WeightLoader {
  public:
-  WeightLoader(const Checkpoint& ckpt, const V4Config& cfg) : ckpt_(ckpt), cfg_(cfg) {}
+  WeightLoader(const TensorSource& ckpt, const V4Config& cfg) : ckpt_(ckpt), cfg_(cfg) {}
 
   // The first candidate name the checkpoint has.
   absl::StatusOr<std::string> Resolve(const std::vector<std::string>& names) const {
     for (const auto& n : names)
       if (ckpt_.Has(n)) return n;
-    return absl::NotFoundError(absl::StrCat(ckpt_.dir(), ": missing tensor '", names[0], "' (also looked for: ",
+    return absl::NotFoundError(absl::StrCat(ckpt_.Describe(), ": missing tensor '", names[0], "' (also looked for: ",
                                             absl::StrJoin(names.begin() + 1, names.end(), ", "), ")"));
   }
 
@@ -163,7 +164,7 @@ class WeightLoader {
     return out;
   }
 
-  const Checkpoint& ckpt_;
+  const TensorSource& ckpt_;
   const V4Config& cfg_;
   std::set<std::string> used_;
 };
@@ -297,14 +298,19 @@ absl::StatusOr<Layer> LoadLayer(WeightLoader& L, const V4Config& c, int l) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, Numerics numerics) {
-  if (numerics == Numerics::kDeployment)
-    return absl::UnimplementedError("deployment numerics run on the CUDA backend; the CPU model computes exact numerics");
   ASSIGN_OR_RETURN(io::V4Config cfg, io::LoadV4Config(dir));
   ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::Open(dir));
+  return FromTensors(cfg, *ckpt, numerics);
+}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::FromTensors(const io::V4Config& cfg, const io::TensorSource& source,
+                                                          Numerics numerics) {
+  if (numerics == Numerics::kDeployment)
+    return absl::UnimplementedError("deployment numerics run on the CUDA backend; the CPU model computes exact numerics");
   std::unique_ptr<Model> model(new Model());
   model->config_ = cfg;
   model->numerics_ = numerics;
-  WeightLoader L(*ckpt, cfg);
+  WeightLoader L(source, cfg);
   Weights& w = model->weights_;
   const int64_t d = cfg.hidden_size, hc = cfg.hc_mult;
   ASSIGN_OR_RETURN(w.embed, L.F32(WeightLoader::Names("embed.weight", "model.embed_tokens.weight"), {cfg.vocab_size, d}));

@@ -122,7 +122,7 @@ class ModelRunner {
   void HcPost(const std::vector<float>& F, const std::vector<float>& post, const std::vector<float>& comb,
               std::vector<float>& X) const;
   void AttentionBlock(int layer, const std::vector<float>& x, std::vector<float>& out);
-  void MoeBlock(int layer, const std::vector<float>& x, std::vector<float>& out) const;
+  void MoeBlock(int layer, const std::vector<float>& x, std::vector<float>& out, std::vector<int32_t>* routes) const;
   // Feeds rows [r0, r0+n) of (kv, score) into a compressor; returns the new entries' count.
   void Compress(const Compressor& k, CompressorState& st, const float* kv, const float* score, int64_t n,
                 int64_t first_pos) const;
@@ -408,7 +408,8 @@ void ModelRunner::AttentionBlock(int layer, const std::vector<float>& x, std::ve
   a.wo_b.Apply(mid.data(), N, out.data());
 }
 
-void ModelRunner::MoeBlock(int layer, const std::vector<float>& x, std::vector<float>& out) const {
+void ModelRunner::MoeBlock(int layer, const std::vector<float>& x, std::vector<float>& out,
+                           std::vector<int32_t>* routes) const {
   const Moe& moe = m_.weights_.layers[layer].moe;
   const int64_t d = c_.hidden_size, I = c_.moe_intermediate, E = c_.n_routed_experts, N = rows_;
   const int K = c_.experts_per_token;
@@ -437,6 +438,7 @@ void ModelRunner::MoeBlock(int layer, const std::vector<float>& x, std::vector<f
     for (int k = 0; k < K; ++k)
       wts[r * K + k] = sc[idx[r * K + k]] / (sum + 1e-20f) * static_cast<float>(c_.routed_scaling_factor);
   }
+  if (routes) routes->assign(idx.begin(), idx.end());
   // Rows grouped by expert; each (row, slot) result lands in its own buffer so
   // the final sum runs in slot order whatever the thread schedule.
   std::vector<std::vector<std::pair<int64_t, int>>> by_expert(E);
@@ -502,7 +504,10 @@ std::vector<float> ModelRunner::Run(StepOutputs* outputs) {
     HcPost(F, post, comb, X);
     HcPre(L.ffn_hc, X, u, post, comb);
     cpu::RmsNorm(u.data(), rows_, d, L.ffn_norm.data<float>(), eps, xn.data());
-    MoeBlock(l, xn, F);
+    std::vector<int32_t> routes;
+    const bool want_routes = outputs && outputs->capture_routes;
+    MoeBlock(l, xn, F, want_routes ? &routes : nullptr);
+    if (want_routes) outputs->routes.push_back(std::move(routes));
     HcPost(F, post, comb, X);
     if (outputs && outputs->capture_hidden) outputs->hidden.push_back(X);
   }

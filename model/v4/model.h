@@ -25,6 +25,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "model/io/safetensors.h"
 #include "model/io/v4_config.h"
 #include "model/tensor/tensor.h"
 
@@ -125,6 +126,8 @@ struct LayerState {
 class DecodeState {
  public:
   int64_t length() const { return length_; }
+  // A deep copy: the fork of a prefilled prompt for each sample of a group.
+  std::unique_ptr<DecodeState> Clone() const { return std::make_unique<DecodeState>(*this); }
   // Exact bytes held (window rings, compressed entries, compressor rows, indexer keys).
   int64_t Bytes() const;
   // Compressed KV entries (CSA/HCA) and indexer keys (CSA) emitted so far in `layer`.
@@ -143,6 +146,10 @@ struct StepOutputs {
   // hidden[l]: [rows, hc, d] mHC streams after layer l (when requested).
   std::vector<std::vector<float>> hidden;
   bool capture_hidden = false;
+  // routes[l]: [rows, experts_per_token] routed expert ids of layer l (for
+  // routing replay in the learner), when requested.
+  std::vector<std::vector<int32_t>> routes;
+  bool capture_routes = false;
 };
 
 class Model {
@@ -152,6 +159,12 @@ class Model {
   // unknown tensors are an error (the MTP block's are skipped).
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir,
                                                                    Numerics numerics = Numerics::kExact);
+  // The same from tensors already at hand (a weight push): names and formats
+  // as in a checkpoint of either layout. The source must outlive the model
+  // only if its tensors are views (a TensorMap's tensors are shared handles).
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Model>> FromTensors(const io::V4Config& config,
+                                                                          const io::TensorSource& source,
+                                                                          Numerics numerics = Numerics::kExact);
 
   const io::V4Config& config() const { return config_; }
   const Weights& weights() const { return weights_; }

@@ -4,6 +4,7 @@
 #include <random>
 
 #include "gtest/gtest.h"
+#include "model/io/safetensors.h"
 #include "model/io/v4_config.h"
 #include "model/v4/model.h"
 
@@ -93,6 +94,66 @@ TEST(V4ComponentsTest, BadTokensAreRejectedAndLeaveStateUntouched) {
   EXPECT_EQ(s->length(), 2);
   std::vector<Model::Chunk> dup = {{s.get(), ok}, {s.get(), ok}};
   EXPECT_FALSE(model->Step(dup).ok());
+}
+
+TEST(V4ComponentsTest, ClonedStateContinuesIdenticallyAndIndependently) {
+  auto model = LoadOrDie("a");
+  ASSERT_NE(model, nullptr);
+  const int64_t V = model->config().vocab_size;
+  std::vector<int64_t> prompt(21);
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = 2 + (i * 37) % (V - 2);
+  auto s = model->NewState();
+  std::vector<Model::Chunk> c = {{s.get(), prompt}};
+  ASSERT_TRUE(model->Step(c).ok());
+  auto fork = s->Clone();
+  EXPECT_EQ(fork->Bytes(), s->Bytes());
+  std::vector<int64_t> a = {5, 6, 7, 8}, b = {9};
+  // Advance the original on other tokens first: the fork must not see them.
+  std::vector<Model::Chunk> cb = {{s.get(), b}};
+  ASSERT_TRUE(model->Step(cb).ok());
+  auto s2 = model->NewState();
+  std::vector<int64_t> full = prompt;
+  full.insert(full.end(), a.begin(), a.end());
+  std::vector<Model::Chunk> cf = {{fork.get(), a}}, cref = {{s2.get(), full}};
+  auto lf = model->Step(cf), lr = model->Step(cref);
+  ASSERT_TRUE(lf.ok() && lr.ok());
+  for (int64_t i = 0; i < 4 * V; ++i) ASSERT_NEAR((*lf)[i], (*lr)[21 * V + i], 1e-5f);
+}
+
+TEST(V4ComponentsTest, FromTensorsEqualsLoadAndRoutesAreCaptured) {
+  auto model = LoadOrDie("a");
+  ASSERT_NE(model, nullptr);
+  auto ckpt = io::Checkpoint::Open("tests/fixtures/v4/a");
+  ASSERT_TRUE(ckpt.ok());
+  io::TensorMap map("pushed weights");
+  for (const auto& n : (*ckpt)->TensorNames()) map.Add(n, (*ckpt)->Get(n)->Clone());
+  auto pushed = Model::FromTensors(model->config(), map);
+  ASSERT_TRUE(pushed.ok()) << pushed.status();
+  std::vector<int64_t> ids = {3, 14, 15, 92, 65, 35, 89, 79};
+  auto s1 = model->NewState(), s2 = (*pushed)->NewState();
+  std::vector<Model::Chunk> c1 = {{s1.get(), ids}}, c2 = {{s2.get(), ids}};
+  StepOutputs outs;
+  outs.capture_routes = true;
+  auto l1 = model->Step(c1, &outs), l2 = (*pushed)->Step(c2);
+  ASSERT_TRUE(l1.ok() && l2.ok());
+  EXPECT_EQ(*l1, *l2);
+  const auto& c = model->config();
+  ASSERT_EQ(static_cast<int>(outs.routes.size()), c.num_layers);
+  const auto& tid2eid = model->weights().layers[0].moe.tid2eid;
+  for (size_t r = 0; r < ids.size(); ++r)
+    for (int k = 0; k < c.experts_per_token; ++k) {
+      EXPECT_EQ(outs.routes[0][r * c.experts_per_token + k], tid2eid.data<int64_t>()[ids[r] * c.experts_per_token + k]);
+      for (int l = 2; l < c.num_layers; ++l) {
+        const int32_t e = outs.routes[l][r * c.experts_per_token + k];
+        EXPECT_TRUE(e >= 0 && e < c.n_routed_experts);
+      }
+    }
+  // A pushed tensor of the wrong shape is refused with its name.
+  io::TensorMap bad = map;
+  bad.Add("model.norm.weight", Tensor::Zeros(DType::kF32, {3}));
+  auto r = Model::FromTensors(model->config(), bad);
+  EXPECT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("model.norm.weight"), absl::string_view::npos) << r.status();
 }
 
 TEST(V4ComponentsTest, ConfigLayoutsAgreeOnTheFixtures) {
