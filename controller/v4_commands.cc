@@ -43,6 +43,8 @@ double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::d
 
 absl::StatusOr<std::unique_ptr<v4::Model>> LoadModelFromFlags() {
   const std::string dir = absl::GetFlag(FLAGS_model);
+  // The CPU thread pool reads RETORT_NUM_THREADS when first used.
+  if (absl::GetFlag(FLAGS_threads) > 0) setenv("RETORT_NUM_THREADS", std::to_string(absl::GetFlag(FLAGS_threads)).c_str(), 1);
   if (dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
   if (absl::GetFlag(FLAGS_device) != "cpu")
     return absl::UnimplementedError(absl::StrCat("--device ", absl::GetFlag(FLAGS_device),

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -58,7 +59,8 @@ absl::StatusOr<TensorEntry> ParseEntry(const std::string& path, const std::strin
       return bad("shape entries must be non-negative integers");
     const uint64_t dim = d.get<uint64_t>();
     numel *= dim;
-    if (numel > (static_cast<unsigned __int128>(1) << 62)) return bad("shape too large");
+    // 2^56 elements x 64 bits still fits DTypeBytes' int64 arithmetic.
+    if (numel > (static_cast<unsigned __int128>(1) << 56)) return bad("shape too large");
     e.shape.push_back(static_cast<int64_t>(dim));
   }
   for (const auto& o : v["data_offsets"])
@@ -83,7 +85,8 @@ absl::StatusOr<TensorEntry> ParseEntry(const std::string& path, const std::strin
 SafetensorsFile::~SafetensorsFile() = default;
 
 absl::StatusOr<std::shared_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a FIFO planted under a shard's name must not block the open.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
     return absl::PermissionDeniedError(absl::StrCat(path, ": ", std::strerror(errno)));
@@ -92,6 +95,10 @@ absl::StatusOr<std::shared_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   if (fstat(fd, &st) != 0) {
     ::close(fd);
     return absl::InternalError(absl::StrCat(path, ": fstat: ", std::strerror(errno)));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return Corrupt(path, "not a regular file");
   }
   const size_t size = static_cast<size_t>(st.st_size);
   if (size < 8) {
@@ -154,7 +161,12 @@ absl::StatusOr<Tensor> SafetensorsFile::Get(const std::string& name) const {
   if (it == entries_.end()) return absl::NotFoundError(absl::StrCat(path_, ": no tensor '", name, "'"));
   const TensorEntry& e = it->second;
   auto storage = BorrowedStorage(mapping_, data_ + e.begin, e.end - e.begin);
-  return Tensor::FromStorage(std::move(storage), 0, e.dtype, e.shape);
+  Tensor view = Tensor::FromStorage(std::move(storage), 0, e.dtype, e.shape);
+  // The format does not align tensors; kernels read typed elements, so a
+  // tensor whose bytes are not aligned to its element size is copied.
+  const size_t align = static_cast<size_t>(std::max<int64_t>(1, DTypeBytes(e.dtype, 1)));
+  if (reinterpret_cast<uintptr_t>(data_ + e.begin) % align != 0) return view.Clone();
+  return view;
 }
 
 absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& dir) {

@@ -10,8 +10,9 @@
 // file and the tensor; a hostile file never causes an out-of-bounds read.
 //
 // Ownership: tensors returned by Get() are read-only views into the mapping
-// and keep it alive. Thread-safety: a SafetensorsFile / Checkpoint is
-// immutable after Open and may be read from many threads.
+// and keep it alive (a tensor whose bytes are not aligned to its element size
+// is copied into aligned memory instead). Thread-safety: a SafetensorsFile /
+// Checkpoint is immutable after Open and may be read from many threads.
 #ifndef RETORT_MODEL_IO_SAFETENSORS_H_
 #define RETORT_MODEL_IO_SAFETENSORS_H_
 

@@ -1,6 +1,7 @@
 #include "model/io/v4_config.h"
 
 #include <cmath>
+#include <cstdint>
 #include <fstream>
 #include <sstream>
 
@@ -13,6 +14,26 @@ namespace {
 
 using json = nlohmann::json;
 
+// Values are read through const references, never copied or dump()ed whole:
+// nlohmann copies and serialises recursively, so a hostile config nesting
+// arrays a million deep would overflow the stack (parsing is iterative).
+const json& NullJson() {
+  static const json* const kNull = new json();
+  return *kNull;
+}
+const json& Field(const json& j, const char* k) { return j.contains(k) ? j[k] : NullJson(); }
+
+// A value for an error message: scalars as JSON (long strings cut short),
+// arrays and objects by type only.
+std::string Describe(const json& v) {
+  if (v.is_string()) {
+    const std::string& s = v.get_ref<const std::string&>();
+    return s.size() <= 64 ? json(s).dump() : json(s.substr(0, 64)).dump() + "...";
+  }
+  if (v.is_primitive()) return v.dump();
+  return absl::StrCat("(", v.type_name(), ")");
+}
+
 class Reader {
  public:
   Reader(const json& j, std::string source) : j_(j), source_(std::move(source)) {}
@@ -22,15 +43,21 @@ class Reader {
   }
   bool Has(const char* k) const { return j_.contains(k) && !j_[k].is_null(); }
 
+  // Integers must fit in int32: V4Config narrows most of them to int, and a
+  // wrapped value would pass validation as a different size.
   absl::StatusOr<int64_t> Int(const char* k) const {
     if (!Has(k)) return Error(k, "is missing");
-    if (!j_[k].is_number_integer()) return Error(k, "must be an integer");
-    return j_[k].get<int64_t>();
+    const json& v = j_[k];
+    if (!v.is_number_integer()) return Error(k, absl::StrCat("must be an integer, got ", Describe(v)));
+    if (v.is_number_unsigned() ? v.get<uint64_t>() > INT32_MAX
+                               : v.get<int64_t>() < INT32_MIN || v.get<int64_t>() > INT32_MAX)
+      return Error(k, absl::StrCat("is out of range: ", v.dump()));
+    return v.get<int64_t>();
   }
   absl::StatusOr<int64_t> Int(const char* k, int64_t def) const { return Has(k) ? Int(k) : def; }
   absl::StatusOr<double> Num(const char* k) const {
     if (!Has(k)) return Error(k, "is missing");
-    if (!j_[k].is_number()) return Error(k, "must be a number");
+    if (!j_[k].is_number()) return Error(k, absl::StrCat("must be a number, got ", Describe(j_[k])));
     return j_[k].get<double>();
   }
   absl::StatusOr<double> Num(const char* k, double def) const { return Has(k) ? Num(k) : def; }
@@ -134,7 +161,7 @@ absl::StatusOr<V4Config> ParseV4Config(const std::string& text, const std::strin
   if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(src, ": not valid JSON"));
   if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(src, ": not a JSON object"));
   if (j.contains("model_type") && j["model_type"] != "deepseek_v4")
-    return absl::InvalidArgumentError(absl::StrCat(src, ": model_type is ", j["model_type"].dump(),
+    return absl::InvalidArgumentError(absl::StrCat(src, ": model_type is ", Describe(j["model_type"]),
                                                    ", expected \"deepseek_v4\""));
   Reader r(j, src);
   V4Config c;
@@ -194,8 +221,9 @@ absl::StatusOr<V4Config> ParseV4Config(const std::string& text, const std::strin
       return r.Error("compress_ratios", absl::StrCat("has ", cr.size(), " entries; expected ", c.num_layers,
                                                      " layers (+1 for the MTP block)"));
     for (int l = 0; l < c.num_layers; ++l) {
-      if (!cr[l].is_number_integer() || cr[l].get<int64_t>() < 0)
-        return r.Error("compress_ratios", "entries must be non-negative integers");
+      if (!cr[l].is_number_integer() || cr[l].get<int64_t>() < 0 || cr[l].get<int64_t>() > INT32_MAX)
+        return r.Error("compress_ratios", absl::StrCat("entries must be non-negative integers, entry ", l, " is ",
+                                                       Describe(cr[l])));
       const int m = static_cast<int>(cr[l].get<int64_t>());
       c.compress_ratio.push_back(m);
       c.attention.push_back(m == 0 ? AttentionKind::kSliding : m == 4 ? AttentionKind::kCsa : AttentionKind::kHca);
@@ -205,7 +233,7 @@ absl::StatusOr<V4Config> ParseV4Config(const std::string& text, const std::strin
     for (int l = 0; l < c.num_layers; ++l) c.hash_routed.push_back(l < n_hash);
     c.main_rope.theta = rope_theta;
     ASSIGN_OR_RETURN(c.compress_rope,
-                     ParseRope(j.contains("rope_scaling") ? j["rope_scaling"] : json(), compress_theta, "rope_scaling", src));
+                     ParseRope(Field(j, "rope_scaling"), compress_theta, "rope_scaling", src));
     c.compress_rope.theta = compress_theta;
     if (j.contains("quantization_config") && j["quantization_config"].is_object()) {
       const json& q = j["quantization_config"];
@@ -223,6 +251,7 @@ absl::StatusOr<V4Config> ParseV4Config(const std::string& text, const std::strin
     double prf = 0;
     if (r.Has("partial_rotary_factor")) {
       ASSIGN_OR_RETURN(prf, r.Num("partial_rotary_factor"));
+      if (!(prf > 0 && prf <= 1)) return r.Error("partial_rotary_factor", "must be in (0, 1]");
     }
     if (r.Has("qk_rope_head_dim")) {
       ASSIGN_OR_RETURN(c.rope_dim, r.Int("qk_rope_head_dim"));
@@ -237,8 +266,11 @@ absl::StatusOr<V4Config> ParseV4Config(const std::string& text, const std::strin
     if (j.contains("compress_rates")) {
       const json& rates = j["compress_rates"];
       if (!rates.is_object()) return r.Error("compress_rates", "must be an object");
-      if (rates.contains("compressed_sparse_attention")) csa_m = rates["compressed_sparse_attention"].get<int>();
-      if (rates.contains("heavily_compressed_attention")) hca_m = rates["heavily_compressed_attention"].get<int>();
+      const Reader rr(rates, absl::StrCat(src, " compress_rates"));
+      ASSIGN_OR_RETURN(int64_t csa, rr.Int("compressed_sparse_attention", csa_m));
+      ASSIGN_OR_RETURN(int64_t hca, rr.Int("heavily_compressed_attention", hca_m));
+      csa_m = static_cast<int>(csa);
+      hca_m = static_cast<int>(hca);
     }
     for (const auto& t : j["layer_types"]) {
       const std::string s = t.is_string() ? t.get<std::string>() : "";
@@ -252,7 +284,7 @@ absl::StatusOr<V4Config> ParseV4Config(const std::string& text, const std::strin
         c.attention.push_back(AttentionKind::kHca);
         c.compress_ratio.push_back(hca_m);
       } else {
-        return r.Error("layer_types", absl::StrCat("has unknown entry ", t.dump()));
+        return r.Error("layer_types", absl::StrCat("has unknown entry ", Describe(t)));
       }
     }
     if (j.contains("mlp_layer_types")) {
@@ -260,18 +292,18 @@ absl::StatusOr<V4Config> ParseV4Config(const std::string& text, const std::strin
       for (const auto& t : j["mlp_layer_types"]) {
         if (t == "hash_moe") c.hash_routed.push_back(true);
         else if (t == "moe") c.hash_routed.push_back(false);
-        else return r.Error("mlp_layer_types", absl::StrCat("has unknown entry ", t.dump()));
+        else return r.Error("mlp_layer_types", absl::StrCat("has unknown entry ", Describe(t)));
       }
     } else {
       ASSIGN_OR_RETURN(int64_t n_hash, r.Int("num_hash_layers", 3));
       for (int l = 0; l < c.num_layers; ++l) c.hash_routed.push_back(l < n_hash);
     }
     // rope_parameters: nested {main, compress} or flat (applies to compress).
-    json rp = j.contains("rope_parameters") ? j["rope_parameters"] : json();
+    const json& rp = Field(j, "rope_parameters");
     if (rp.is_object() && rp.contains("main") && rp["main"].is_object()) {
       ASSIGN_OR_RETURN(c.main_rope, ParseRope(rp["main"], rope_theta, "rope_parameters.main", src));
       ASSIGN_OR_RETURN(c.compress_rope,
-                       ParseRope(rp.contains("compress") ? rp["compress"] : json(), compress_theta,
+                       ParseRope(Field(rp, "compress"), compress_theta,
                                  "rope_parameters.compress", src));
     } else {
       c.main_rope.theta = rope_theta;

@@ -50,6 +50,28 @@ std::optional<DType> DTypeFromSafetensors(std::string_view name) {
 
 int64_t DTypeBytes(DType t, int64_t numel) { return (numel * Info(t).bits + 7) / 8; }
 
+namespace internal {
+const float* E4M3Table() {
+  static const auto* table = [] {
+    auto* t = new float[256];
+    for (int v = 0; v < 256; ++v) {
+      const int sign = v >> 7, exp = (v >> 3) & 0xf, man = v & 0x7;
+      float out;
+      if (exp == 0xf && man == 0x7) {
+        out = std::numeric_limits<float>::quiet_NaN();
+      } else if (exp == 0) {
+        out = std::ldexp(static_cast<float>(man), -9);  // subnormal: man/8 * 2^-6
+      } else {
+        out = std::ldexp(1.0f + man / 8.0f, exp - 7);
+      }
+      t[v] = sign ? -out : out;
+    }
+    return t;
+  }();
+  return table;
+}
+}  // namespace internal
+
 float F16ToF32(uint16_t v) {
   const uint32_t sign = (v >> 15) & 1u;
   const int exp = (v >> 10) & 0x1f;

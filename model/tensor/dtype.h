@@ -70,26 +70,19 @@ inline uint16_t F32ToBf16(float f) {
 float F16ToF32(uint16_t v);
 uint16_t F32ToF16(float f);  // round to nearest even, overflow to inf
 
-inline float E4M3ToF32(uint8_t v) {
-  const int sign = v >> 7;
-  const int exp = (v >> 3) & 0xf;
-  const int man = v & 0x7;
-  float out;
-  if (exp == 0xf && man == 0x7) {
-    out = std::numeric_limits<float>::quiet_NaN();
-  } else if (exp == 0) {
-    out = std::ldexp(static_cast<float>(man), -9);  // subnormal: man/8 * 2^-6
-  } else {
-    out = std::ldexp(1.0f + man / 8.0f, exp - 7);
-  }
-  return sign ? -out : out;
-}
+namespace internal {
+// All 256 e4m3 values, computed once (exactly) from the bit layout.
+const float* E4M3Table();
+}  // namespace internal
+
+inline float E4M3ToF32(uint8_t v) { return internal::E4M3Table()[v]; }
 // Round to nearest even, saturating to +-448 (the OCP "satfinite" convention).
 uint8_t F32ToE4M3(float f);
 
 inline float E8M0ToF32(uint8_t v) {
   if (v == 0xff) return std::numeric_limits<float>::quiet_NaN();
-  return std::ldexp(1.0f, static_cast<int>(v) - 127);
+  if (v == 0) return BitsToF32(0x00400000u);  // 2^-127, an fp32 subnormal
+  return BitsToF32(static_cast<uint32_t>(v) << 23);  // exponent field = v: 2^(v-127)
 }
 
 // e2m1 code (0..15) -> value.

@@ -29,28 +29,37 @@ constexpr absl::string_view kAssistantToken = "<｜Assistant｜>";
 // encoding_dsv4.py REASONING_EFFORT_MAX, verbatim.
 constexpr absl::string_view kReasoningEffortMax =
     "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
-    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root "
-    "cause, rigorously stress-testing your logic against all potential paths, edge cases, and adversarial "
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to "
+    "resolve the root "
+    "cause, rigorously stress-testing your logic against all potential paths, edge cases, and "
+    "adversarial "
     "scenarios.\n"
-    "Explicitly write out your entire deliberation process, documenting every intermediate step, considered "
-    "alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n";
+    "Explicitly write out your entire deliberation process, documenting every intermediate step, "
+    "considered "
+    "alternative, and rejected hypothesis to ensure absolutely no assumption is left "
+    "unchecked.\n\n";
 
 std::string ToolsBlock(const std::string& schemas) {
   const std::string d(kDsml);
   return absl::StrCat(
-      "## Tools\n\nYou have access to a set of tools to help answer the user's question. You can invoke tools by "
+      "## Tools\n\nYou have access to a set of tools to help answer the user's question. You can "
+      "invoke tools by "
       "writing a \"<",
       d, "tool_calls>\" block like the following:\n\n<", d, "tool_calls>\n<", d,
       "invoke name=\"$TOOL_NAME\">\n<", d,
-      "parameter name=\"$PARAMETER_NAME\" string=\"true|false\">$PARAMETER_VALUE</", d, "parameter>\n...\n</", d,
-      "invoke>\n<", d, "invoke name=\"$TOOL_NAME2\">\n...\n</", d, "invoke>\n</", d,
-      "tool_calls>\n\nString parameters should be specified as is and set `string=\"true\"`. For all other types "
-      "(numbers, booleans, arrays, objects), pass the value in JSON format and set `string=\"false\"`.\n\nIf "
+      "parameter name=\"$PARAMETER_NAME\" string=\"true|false\">$PARAMETER_VALUE</", d,
+      "parameter>\n...\n</", d, "invoke>\n<", d, "invoke name=\"$TOOL_NAME2\">\n...\n</", d,
+      "invoke>\n</", d,
+      "tool_calls>\n\nString parameters should be specified as is and set `string=\"true\"`. For "
+      "all other types "
+      "(numbers, booleans, arrays, objects), pass the value in JSON format and set "
+      "`string=\"false\"`.\n\nIf "
       "thinking_mode is enabled (triggered by ",
-      kThinkStart, "), you MUST output your complete reasoning inside ", kThinkStart, "...", kThinkEnd,
-      " BEFORE any tool calls or final response.\n\nOtherwise, output directly after ", kThinkEnd,
-      " with tool calls or final response.\n\n### Available Tool Schemas\n\n", schemas,
-      "\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.\n");
+      kThinkStart, "), you MUST output your complete reasoning inside ", kThinkStart, "...",
+      kThinkEnd, " BEFORE any tool calls or final response.\n\nOtherwise, output directly after ",
+      kThinkEnd, " with tool calls or final response.\n\n### Available Tool Schemas\n\n", schemas,
+      "\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke "
+      "tool calls.\n");
 }
 
 // Python json.dumps(s, ensure_ascii=False) for a string.
@@ -59,13 +68,27 @@ void PyQuote(absl::string_view s, std::string* out) {
   for (char ch : s) {
     const auto c = static_cast<unsigned char>(ch);
     switch (c) {
-      case '"': *out += "\\\""; break;
-      case '\\': *out += "\\\\"; break;
-      case '\n': *out += "\\n"; break;
-      case '\r': *out += "\\r"; break;
-      case '\t': *out += "\\t"; break;
-      case '\b': *out += "\\b"; break;
-      case '\f': *out += "\\f"; break;
+      case '"':
+        *out += "\\\"";
+        break;
+      case '\\':
+        *out += "\\\\";
+        break;
+      case '\n':
+        *out += "\\n";
+        break;
+      case '\r':
+        *out += "\\r";
+        break;
+      case '\t':
+        *out += "\\t";
+        break;
+      case '\b':
+        *out += "\\b";
+        break;
+      case '\f':
+        *out += "\\f";
+        break;
       default:
         if (c < 0x20) {
           char buf[8];
@@ -143,14 +166,14 @@ absl::StatusOr<std::string> ArgumentsToDsml(const ToolCall& call) {
     args = ojson::object({{"arguments", call.arguments}});  // the reference's fallback
   }
   if (!args.is_object())
-    return absl::InvalidArgumentError(
-        absl::StrCat("tool call '", call.name, "': arguments must be a JSON object, got ", call.arguments));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tool call '", call.name, "': arguments must be a JSON object, got ", call.arguments));
   std::vector<std::string> params;
   for (auto it = args.begin(); it != args.end(); ++it) {
     const bool is_str = it.value().is_string();
-    params.push_back(absl::StrCat("<", kDsml, "parameter name=\"", it.key(), "\" string=\"", is_str ? "true" : "false",
-                                  "\">", is_str ? it.value().get<std::string>() : PyDumps(it.value()), "</", kDsml,
-                                  "parameter>"));
+    params.push_back(absl::StrCat(
+        "<", kDsml, "parameter name=\"", it.key(), "\" string=\"", is_str ? "true" : "false", "\">",
+        is_str ? it.value().get<std::string>() : PyDumps(it.value()), "</", kDsml, "parameter>"));
   }
   return absl::StrJoin(params, "\n");
 }
@@ -182,33 +205,42 @@ absl::StatusOr<ReasoningMode> ParseReasoningMode(absl::string_view name) {
 
 const char* ReasoningModeName(ReasoningMode mode) {
   switch (mode) {
-    case ReasoningMode::kNone: return "none";
-    case ReasoningMode::kHigh: return "high";
-    case ReasoningMode::kMax: return "max";
+    case ReasoningMode::kNone:
+      return "none";
+    case ReasoningMode::kHigh:
+      return "high";
+    case ReasoningMode::kMax:
+      return "max";
   }
   return "?";
 }
 
 const char* CompletionStatusName(CompletionStatus status) {
   switch (status) {
-    case CompletionStatus::kComplete: return "complete";
-    case CompletionStatus::kTruncated: return "truncated";
-    case CompletionStatus::kMalformed: return "malformed";
+    case CompletionStatus::kComplete:
+      return "complete";
+    case CompletionStatus::kTruncated:
+      return "truncated";
+    case CompletionStatus::kMalformed:
+      return "malformed";
   }
   return "?";
 }
 
-absl::StatusOr<std::string> RenderChat(const std::vector<Message>& messages, const ChatOptions& options) {
+absl::StatusOr<std::string> RenderChat(const std::vector<Message>& messages,
+                                       const ChatOptions& options) {
   // Tool schemas.
   std::string schemas;
   if (!options.tools_json.empty()) {
     ASSIGN_OR_RETURN(ojson tools, ParseJson(options.tools_json, "ChatOptions.tools_json"));
-    if (!tools.is_array()) return absl::InvalidArgumentError("ChatOptions.tools_json: expected a JSON array");
+    if (!tools.is_array())
+      return absl::InvalidArgumentError("ChatOptions.tools_json: expected a JSON array");
     std::vector<std::string> lines;
     for (const ojson& t : tools) {
       const ojson& fn = (t.is_object() && t.contains("function")) ? t["function"] : t;
       if (!fn.is_object())
-        return absl::InvalidArgumentError("ChatOptions.tools_json: each tool must be a JSON object");
+        return absl::InvalidArgumentError(
+            "ChatOptions.tools_json: each tool must be a JSON object");
       lines.push_back(PyDumps(fn));
     }
     if (!lines.empty()) schemas = absl::StrJoin(lines, "\n");
@@ -242,8 +274,10 @@ absl::StatusOr<std::string> RenderChat(const std::vector<Message>& messages, con
     }
   }
   if (has_tools) {
-    auto sys = std::find_if(turns.begin(), turns.end(), [](const Turn& t) { return t.role == Role::kSystem; });
-    if (sys == turns.end()) sys = turns.insert(turns.begin(), Turn{Role::kSystem, "", {}, std::nullopt, {}, false});
+    auto sys = std::find_if(turns.begin(), turns.end(),
+                            [](const Turn& t) { return t.role == Role::kSystem; });
+    if (sys == turns.end())
+      sys = turns.insert(turns.begin(), Turn{Role::kSystem, "", {}, std::nullopt, {}, false});
     sys->tools = true;
   }
 
@@ -259,10 +293,12 @@ absl::StatusOr<std::string> RenderChat(const std::vector<Message>& messages, con
       for (const auto& b : t.blocks)
         if (b.tool_result) results.push_back(b);
       if (results.size() > 1) {
-        std::stable_sort(results.begin(), results.end(), [&](const Turn::Block& a, const Turn::Block& b) {
-          auto ia = call_order.find(a.tool_use_id), ib = call_order.find(b.tool_use_id);
-          return (ia == call_order.end() ? 0 : ia->second) < (ib == call_order.end() ? 0 : ib->second);
-        });
+        std::stable_sort(
+            results.begin(), results.end(), [&](const Turn::Block& a, const Turn::Block& b) {
+              auto ia = call_order.find(a.tool_use_id), ib = call_order.find(b.tool_use_id);
+              return (ia == call_order.end() ? 0 : ia->second) <
+                     (ib == call_order.end() ? 0 : ib->second);
+            });
         size_t k = 0;
         for (auto& b : t.blocks)
           if (b.tool_result) b = results[k++];
@@ -289,7 +325,8 @@ absl::StatusOr<std::string> RenderChat(const std::vector<Message>& messages, con
   std::string prompt = options.add_bos ? std::string(kBos) : "";
   for (int idx = 0; idx < static_cast<int>(turns.size()); ++idx) {
     const Turn& t = turns[idx];
-    if (idx == 0 && options.reasoning == ReasoningMode::kMax) absl::StrAppend(&prompt, kReasoningEffortMax);
+    if (idx == 0 && options.reasoning == ReasoningMode::kMax)
+      absl::StrAppend(&prompt, kReasoningEffortMax);
     switch (t.role) {
       case Role::kSystem:
         absl::StrAppend(&prompt, t.content);
@@ -299,7 +336,8 @@ absl::StatusOr<std::string> RenderChat(const std::vector<Message>& messages, con
         absl::StrAppend(&prompt, kUserToken);
         std::vector<std::string> parts;
         for (const auto& b : t.blocks)
-          parts.push_back(b.tool_result ? absl::StrCat("<tool_result>", b.text, "</tool_result>") : b.text);
+          parts.push_back(b.tool_result ? absl::StrCat("<tool_result>", b.text, "</tool_result>")
+                                        : b.text);
         absl::StrAppend(&prompt, absl::StrJoin(parts, "\n\n"));
         break;
       }
@@ -309,14 +347,15 @@ absl::StatusOr<std::string> RenderChat(const std::vector<Message>& messages, con
           std::vector<std::string> invokes;
           for (const ToolCall& call : t.tool_calls) {
             ASSIGN_OR_RETURN(std::string args, ArgumentsToDsml(call));
-            invokes.push_back(
-                absl::StrCat("<", kDsml, "invoke name=\"", call.name, "\">\n", args, "\n</", kDsml, "invoke>"));
+            invokes.push_back(absl::StrCat("<", kDsml, "invoke name=\"", call.name, "\">\n", args,
+                                           "\n</", kDsml, "invoke>"));
           }
-          tc = absl::StrCat("\n\n<", kDsml, "tool_calls>\n", absl::StrJoin(invokes, "\n"), "\n</", kDsml,
-                            "tool_calls>");
+          tc = absl::StrCat("\n\n<", kDsml, "tool_calls>\n", absl::StrJoin(invokes, "\n"), "\n</",
+                            kDsml, "tool_calls>");
         }
         std::string thinking_part;
-        if (thinking && (!drop || idx > last_user)) thinking_part = absl::StrCat(t.reasoning.value_or(""), kThinkEnd);
+        if (thinking && (!drop || idx > last_user))
+          thinking_part = absl::StrCat(t.reasoning.value_or(""), kThinkEnd);
         absl::StrAppend(&prompt, thinking_part, t.content, tc, kEos);
         break;
       }
@@ -324,7 +363,8 @@ absl::StatusOr<std::string> RenderChat(const std::vector<Message>& messages, con
         return absl::InternalError("tool turn survived merging");
     }
     // Transition to the next turn.
-    if (idx + 1 < static_cast<int>(turns.size()) && turns[idx + 1].role != Role::kAssistant) continue;
+    if (idx + 1 < static_cast<int>(turns.size()) && turns[idx + 1].role != Role::kAssistant)
+      continue;
     if (t.role == Role::kUser) {
       absl::StrAppend(&prompt, kAssistantToken,
                       thinking && (!drop || idx >= last_user) ? kThinkStart : kThinkEnd);
@@ -333,7 +373,8 @@ absl::StatusOr<std::string> RenderChat(const std::vector<Message>& messages, con
   return prompt;
 }
 
-absl::StatusOr<std::vector<TokenId>> RenderChatIds(const Tokenizer& tokenizer, const std::vector<Message>& messages,
+absl::StatusOr<std::vector<TokenId>> RenderChatIds(const Tokenizer& tokenizer,
+                                                   const std::vector<Message>& messages,
                                                    const ChatOptions& options) {
   ASSIGN_OR_RETURN(std::string text, RenderChat(messages, options));
   EncodeOptions enc;
@@ -348,9 +389,9 @@ absl::StatusOr<std::vector<TokenId>> RenderChatIds(const Tokenizer& tokenizer, c
 namespace {
 
 struct Cut {
-  size_t next;            // index after the stop string (or text end)
+  size_t next;  // index after the stop string (or text end)
   absl::string_view before;
-  int stop;               // index into the stop list, or -1 at end of text
+  int stop;  // index into the stop list, or -1 at end of text
 };
 
 // _read_until_stop: earliest of `stops` at or after `from`.
@@ -431,7 +472,8 @@ ParsedCompletion ParseCompletion(absl::string_view text, ReasoningMode mode) {
         break;
       }
       if (c.before != ">\n") {
-        fail(CompletionStatus::kMalformed, absl::StrCat("tool calls: expected '>\\n', got '", c.before, "'"));
+        fail(CompletionStatus::kMalformed,
+             absl::StrCat("tool calls: expected '>\\n', got '", c.before, "'"));
         idx = text.size();
         break;
       }
@@ -447,9 +489,15 @@ ParsedCompletion ParseCompletion(absl::string_view text, ReasoningMode mode) {
         break;
       }
       absl::string_view nm = name_cut.before;
-      while (!nm.empty() && (nm[0] == ' ' || nm[0] == '\n' || nm[0] == '\t' || nm[0] == '\r')) nm.remove_prefix(1);
+      // A call without parameters renders as name="f">\n\n</invoke> (its
+      // empty argument list leaves a blank line); accept that form too.
+      if (name_cut.stop == 1 && nm.size() >= 4 && nm.substr(nm.size() - 4) == "\">\n\n")
+        nm.remove_suffix(1);
+      while (!nm.empty() && (nm[0] == ' ' || nm[0] == '\n' || nm[0] == '\t' || nm[0] == '\r'))
+        nm.remove_prefix(1);
       if (!ConsumePrefix(&nm, "name=\"") || nm.size() < 3 || nm.substr(nm.size() - 3) != "\">\n") {
-        fail(CompletionStatus::kMalformed, absl::StrCat("tool name format error: '", name_cut.before, "'"));
+        fail(CompletionStatus::kMalformed,
+             absl::StrCat("tool name format error: '", name_cut.before, "'"));
         idx = text.size();
         break;
       }
@@ -477,7 +525,8 @@ ParsedCompletion ParseCompletion(absl::string_view text, ReasoningMode mode) {
           fmt = t_pos != absl::string_view::npos || f_pos != absl::string_view::npos;
         }
         if (!fmt) {
-          fail(CompletionStatus::kMalformed, absl::StrCat("parameter format error: '", pc.before, "'"));
+          fail(CompletionStatus::kMalformed,
+               absl::StrCat("parameter format error: '", pc.before, "'"));
           ok = false;
           break;
         }
@@ -525,7 +574,8 @@ ParsedCompletion ParseCompletion(absl::string_view text, ReasoningMode mode) {
     if (closed) {
       Cut c = ReadUntil(text, idx, {kEos});
       if (!c.before.empty()) {
-        fail(CompletionStatus::kMalformed, absl::StrCat("unexpected text after tool calls: '", c.before, "'"));
+        fail(CompletionStatus::kMalformed,
+             absl::StrCat("unexpected text after tool calls: '", c.before, "'"));
       } else if (c.stop < 0) {
         fail(CompletionStatus::kTruncated, "no end-of-sentence token after the tool calls");
       }
@@ -535,10 +585,13 @@ ParsedCompletion ParseCompletion(absl::string_view text, ReasoningMode mode) {
     }
   }
   if (idx < text.size() && out.status != CompletionStatus::kMalformed)
-    fail(CompletionStatus::kMalformed, absl::StrCat("text after the end-of-sentence token: '", text.substr(idx), "'"));
+    fail(CompletionStatus::kMalformed,
+         absl::StrCat("text after the end-of-sentence token: '", text.substr(idx), "'"));
   for (absl::string_view sp : {kBos, kEos, kThinkStart, kThinkEnd, kDsml}) {
-    if (out.content.find(sp) != std::string::npos || out.reasoning.find(sp) != std::string::npos)
-      fail(CompletionStatus::kMalformed, absl::StrCat("special token '", sp, "' inside reasoning or content"));
+    if (absl::string_view(out.content).find(sp) != absl::string_view::npos ||
+        absl::string_view(out.reasoning).find(sp) != absl::string_view::npos)
+      fail(CompletionStatus::kMalformed,
+           absl::StrCat("special token '", sp, "' inside reasoning or content"));
   }
   return out;
 }

@@ -40,7 +40,7 @@ const char* ReasoningModeName(ReasoningMode mode);
 enum class Role { kSystem, kUser, kAssistant, kTool };
 
 struct ToolCall {
-  std::string id;         // optional; orders tool results (Message::tool_call_id)
+  std::string id;  // optional; orders tool results (Message::tool_call_id)
   std::string name;
   std::string arguments;  // a JSON object as text, e.g. {"city": "Paris"}
 };
@@ -48,9 +48,9 @@ struct ToolCall {
 struct Message {
   Role role = Role::kUser;
   std::string content;
-  std::string reasoning;               // assistant: text inside <think>…</think>
-  std::vector<ToolCall> tool_calls;    // assistant
-  std::string tool_call_id;            // tool: the call this result answers
+  std::string reasoning;             // assistant: text inside <think>…</think>
+  std::vector<ToolCall> tool_calls;  // assistant
+  std::string tool_call_id;          // tool: the call this result answers
 };
 
 struct ChatOptions {
@@ -74,9 +74,8 @@ struct ChatOptions {
 // RenderChat, then Encode with special tokens matched (as the reference
 // encodes the rendered string). Note that special-token strings inside
 // message text are matched too, exactly like the reference.
-[[nodiscard]] absl::StatusOr<std::vector<TokenId>> RenderChatIds(const Tokenizer& tokenizer,
-                                                                 const std::vector<Message>& messages,
-                                                                 const ChatOptions& options);
+[[nodiscard]] absl::StatusOr<std::vector<TokenId>> RenderChatIds(
+    const Tokenizer& tokenizer, const std::vector<Message>& messages, const ChatOptions& options);
 
 enum class CompletionStatus {
   kComplete,   // well formed and ended with EOS

@@ -46,13 +46,15 @@ class Regex {
                                                         const std::string& where) {
     int err = 0;
     PCRE2_SIZE offset = 0;
-    pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
-                                     PCRE2_UTF | PCRE2_UCP | PCRE2_NO_UTF_CHECK, &err, &offset, nullptr);
+    pcre2_code* code =
+        pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+                      PCRE2_UTF | PCRE2_UCP | PCRE2_NO_UTF_CHECK, &err, &offset, nullptr);
     if (code == nullptr) {
       PCRE2_UCHAR msg[256];
       pcre2_get_error_message(err, msg, sizeof(msg));
-      return absl::InvalidArgumentError(absl::StrCat(where, ": regex '", pattern, "' does not compile (PCRE2, at offset ",
-                                                     offset, "): ", reinterpret_cast<const char*>(msg)));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": regex '", pattern, "' does not compile (PCRE2, at offset ", offset,
+                       "): ", reinterpret_cast<const char*>(msg)));
     }
     auto re = std::unique_ptr<Regex>(new Regex(code));
     re->jit_ = pcre2_jit_compile(code, PCRE2_JIT_COMPLETE) == 0;
@@ -68,8 +70,10 @@ class Regex {
     const auto* subject = reinterpret_cast<PCRE2_SPTR>(s.data());
     size_t start = 0;
     while (start <= s.size()) {
-      int rc = jit_ ? pcre2_jit_match(code_, subject, s.size(), start, PCRE2_NO_UTF_CHECK, ts.match, ts.context)
-                    : pcre2_match(code_, subject, s.size(), start, PCRE2_NO_UTF_CHECK, ts.match, ts.context);
+      int rc = jit_ ? pcre2_jit_match(code_, subject, s.size(), start, PCRE2_NO_UTF_CHECK, ts.match,
+                                      ts.context)
+                    : pcre2_match(code_, subject, s.size(), start, PCRE2_NO_UTF_CHECK, ts.match,
+                                  ts.context);
       if (rc == PCRE2_ERROR_NOMATCH) break;
       CHECK(rc >= 0) << "PCRE2 match failed with code " << rc;
       const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(ts.match);
@@ -116,7 +120,8 @@ class Regex {
 std::string EscapeRegex(const std::string& literal) {
   std::string out;
   for (char c : literal) {
-    if (std::string_view("\\^$.|?*+()[]{}-/#&~ ").find(c) != std::string_view::npos) out.push_back('\\');
+    if (std::string_view("\\^$.|?*+()[]{}-/#&~ ").find(c) != std::string_view::npos)
+      out.push_back('\\');
     out.push_back(c);
   }
   return out;
@@ -132,7 +137,8 @@ struct ByteLevelTable {
   ByteLevelTable() {
     int n = 0;
     for (int b = 0; b < 256; ++b) {
-      bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+      bool printable =
+          (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
       byte_to_cp[b] = printable ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + n++);
       AppendUtf8(byte_to_cp[b], &byte_to_utf8[b]);
       cp_to_byte[byte_to_cp[b]] = static_cast<uint8_t>(b);
@@ -189,7 +195,9 @@ void ApplySplit(const Regex& regex, SplitBehavior behavior, bool invert, std::st
     size_t start, end;
     bool match;
   };
-  std::vector<Seg> segs;
+  // Reused per thread: this runs once per piece per Split step.
+  thread_local std::vector<Seg> segs;
+  segs.clear();
   size_t prev = 0;
   regex.ForEachMatch(s, [&](size_t ms, size_t me) {
     if (prev != ms) segs.push_back({prev, ms, false});
@@ -200,14 +208,15 @@ void ApplySplit(const Regex& regex, SplitBehavior behavior, bool invert, std::st
   if (invert)
     for (Seg& g : segs) g.match = !g.match;
 
-  std::vector<Seg> res;
+  thread_local std::vector<Seg> res;
+  res.clear();
   switch (behavior) {
     case SplitBehavior::kRemoved:
       for (const Seg& g : segs)
         if (!g.match) res.push_back(g);
       break;
     case SplitBehavior::kIsolated:
-      res = std::move(segs);
+      res.swap(segs);
       break;
     case SplitBehavior::kMergedWithPrevious: {
       bool previous_match = false;
@@ -315,7 +324,8 @@ class AddedTokenMatcher {
 bool IsWordChar(char32_t c) {
   // Rust's char::is_alphanumeric || '_' (approximated for non-ASCII: any
   // non-ASCII code point that is not whitespace counts as a word character).
-  if (c < 0x80) return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+  if (c < 0x80)
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
   return !IsWhitespace(c);
 }
 
@@ -350,7 +360,8 @@ void SplitAddedTokens(const AddedTokenMatcher& matcher, std::string_view s, bool
         start_space = !IsWordChar(cps.back().second);
       }
       if (stop < s.size()) {
-        Utf8Char c = ReadUtf8(reinterpret_cast<const unsigned char*>(s.data()) + stop, s.size() - stop);
+        Utf8Char c =
+            ReadUtf8(reinterpret_cast<const unsigned char*>(s.data()) + stop, s.size() - stop);
         stop_space = !IsWordChar(c.cp);
       }
       if (!start_space || !stop_space) continue;
@@ -358,17 +369,20 @@ void SplitAddedTokens(const AddedTokenMatcher& matcher, std::string_view s, bool
     if (tok->lstrip) {
       size_t new_start = start;
       auto cps = CodePoints(s.substr(0, start));
-      for (auto it = cps.rbegin(); it != cps.rend() && IsWhitespace(it->second); ++it) new_start = it->first;
+      for (auto it = cps.rbegin(); it != cps.rend() && IsWhitespace(it->second); ++it)
+        new_start = it->first;
       start = std::max(new_start, start_offset);
     }
     if (tok->rstrip) {
       while (stop < s.size()) {
-        Utf8Char c = ReadUtf8(reinterpret_cast<const unsigned char*>(s.data()) + stop, s.size() - stop);
+        Utf8Char c =
+            ReadUtf8(reinterpret_cast<const unsigned char*>(s.data()) + stop, s.size() - stop);
         if (!IsWhitespace(c.cp)) break;
         stop += c.len;
       }
     }
-    if (start_offset < start) out->push_back({nullptr, s.substr(start_offset, start - start_offset)});
+    if (start_offset < start)
+      out->push_back({nullptr, s.substr(start_offset, start - start_offset)});
     out->push_back({tok, s.substr(start, stop - start)});
     start_offset = stop;
   }
@@ -385,7 +399,7 @@ uint64_t PairKey(TokenId a, TokenId b) {
 
 struct TokenizerImpl {
   // Model (BPE).
-  absl::flat_hash_map<std::string, TokenId> vocab;  // vocab + added tokens
+  absl::flat_hash_map<std::string, TokenId> vocab;                    // vocab + added tokens
   absl::flat_hash_map<uint64_t, std::pair<int32_t, TokenId>> merges;  // pair -> (rank, merged id)
   std::optional<TokenId> unk_id;
   bool fuse_unk = false;
@@ -431,7 +445,8 @@ struct TokenizerImpl {
   mutable std::array<CacheShard, kCacheShards> cache;
 
   std::string Normalize(std::string_view s) const;
-  void PreTokenize(std::string_view s, std::deque<std::string>* storage, std::vector<std::string_view>* pieces) const;
+  void PreTokenize(std::string_view s, std::deque<std::string>* storage,
+                   std::vector<std::string_view>* pieces) const;
   void EncodePiece(std::string_view piece, std::vector<TokenId>* out) const;
   void BpePiece(std::string_view piece, std::vector<TokenId>* out) const;
 };
@@ -442,7 +457,8 @@ std::string TokenizerImpl::Normalize(std::string_view s) const {
   UErrorCode status = U_ZERO_ERROR;
   const icu::Normalizer2* nfc = icu::Normalizer2::getNFCInstance(status);
   CHECK(U_SUCCESS(status)) << "ICU NFC instance unavailable";
-  icu::UnicodeString in = icu::UnicodeString::fromUTF8(icu::StringPiece(s.data(), static_cast<int32_t>(s.size())));
+  icu::UnicodeString in =
+      icu::UnicodeString::fromUTF8(icu::StringPiece(s.data(), static_cast<int32_t>(s.size())));
   icu::UnicodeString normalized = nfc->normalize(in, status);
   CHECK(U_SUCCESS(status)) << "ICU NFC failed";
   std::string out;
@@ -464,7 +480,8 @@ void TokenizerImpl::PreTokenize(std::string_view s, std::deque<std::string>* sto
     next.clear();
     const PreTokenizerStep& step = pre_tokenizers[k];
     if (const auto* split = std::get_if<SplitStep>(&step)) {
-      for (std::string_view p : *pieces) ApplySplit(*split->regex, split->behavior, split->invert, p, &next);
+      for (std::string_view p : *pieces)
+        ApplySplit(*split->regex, split->behavior, split->invert, p, &next);
     } else {
       const auto& bl = std::get<ByteLevelStep>(step);
       const bool last = k + 1 == pre_tokenizers.size();
@@ -506,7 +523,8 @@ void TokenizerImpl::BpePiece(std::string_view piece, std::vector<TokenId>* out) 
   std::vector<Symbol> symbols;
   symbols.reserve(piece.size());
   const ByteLevelTable& table = ByteTable();
-  std::string mapped;  // the piece as model input (byte-level chars) for ignore_merges / unk lookups
+  std::string
+      mapped;  // the piece as model input (byte-level chars) for ignore_merges / unk lookups
 
   auto push_symbol = [&](TokenId id, int len) {
     int idx = static_cast<int>(symbols.size());
@@ -553,7 +571,7 @@ void TokenizerImpl::BpePiece(std::string_view piece, std::vector<TokenId>* out) 
     }
   } else {
     if (ignore_merges) {
-      auto it = vocab.find(piece);
+      auto it = vocab.find(absl::string_view(piece.data(), piece.size()));
       if (it != vocab.end()) {
         out->push_back(it->second);
         return;
@@ -561,10 +579,11 @@ void TokenizerImpl::BpePiece(std::string_view piece, std::vector<TokenId>* out) 
     }
     size_t i = 0;
     while (i < piece.size()) {
-      Utf8Char c = ReadUtf8(reinterpret_cast<const unsigned char*>(piece.data()) + i, piece.size() - i);
+      Utf8Char c =
+          ReadUtf8(reinterpret_cast<const unsigned char*>(piece.data()) + i, piece.size() - i);
       int len = c.kind == Utf8Char::kValid ? c.len : 1;
       std::string_view ch = piece.substr(i, len);
-      auto it = vocab.find(ch);
+      auto it = vocab.find(absl::string_view(ch.data(), ch.size()));
       if (it != vocab.end()) {
         push_symbol(it->second, len);
         last_was_unk = false;
@@ -588,7 +607,8 @@ void TokenizerImpl::BpePiece(std::string_view piece, std::vector<TokenId>* out) 
     return it == merges.end() ? nullptr : &it->second;
   };
   for (int i = 0; i + 1 < static_cast<int>(symbols.size()); ++i) {
-    if (const auto* m = find_merge(symbols[i].id, symbols[i + 1].id)) queue.push({m->first, i, m->second});
+    if (const auto* m = find_merge(symbols[i].id, symbols[i + 1].id))
+      queue.push({m->first, i, m->second});
   }
   while (!queue.empty()) {
     Merge top = queue.top();
@@ -605,17 +625,20 @@ void TokenizerImpl::BpePiece(std::string_view piece, std::vector<TokenId>* out) 
     symbols[next_pos].len = 0;
     if (right.next >= 0) symbols[right.next].prev = top.pos;
     if (cur.prev >= 0) {
-      if (const auto* pm = find_merge(symbols[cur.prev].id, cur.id)) queue.push({pm->first, cur.prev, pm->second});
+      if (const auto* pm = find_merge(symbols[cur.prev].id, cur.id))
+        queue.push({pm->first, cur.prev, pm->second});
     }
     if (cur.next >= 0) {
-      if (const auto* nm = find_merge(cur.id, symbols[cur.next].id)) queue.push({nm->first, top.pos, nm->second});
+      if (const auto* nm = find_merge(cur.id, symbols[cur.next].id))
+        queue.push({nm->first, top.pos, nm->second});
     }
   }
   for (int i = 0; i >= 0; i = symbols[i].next) out->push_back(symbols[i].id);
 }
 
 void TokenizerImpl::EncodePiece(std::string_view piece, std::vector<TokenId>* out) const {
-  if (deferred_byte_level && piece.size() == 1 && byte_ids[static_cast<unsigned char>(piece[0])] >= 0) {
+  if (deferred_byte_level && piece.size() == 1 &&
+      byte_ids[static_cast<unsigned char>(piece[0])] >= 0) {
     out->push_back(byte_ids[static_cast<unsigned char>(piece[0])]);
     return;
   }
@@ -623,7 +646,8 @@ void TokenizerImpl::EncodePiece(std::string_view piece, std::vector<TokenId>* ou
     BpePiece(piece, out);
     return;
   }
-  CacheShard& shard = cache[absl::HashOf(absl::string_view(piece.data(), piece.size())) % kCacheShards];
+  CacheShard& shard =
+      cache[absl::HashOf(absl::string_view(piece.data(), piece.size())) % kCacheShards];
   {
     absl::ReaderMutexLock lock(&shard.mu);
     auto it = shard.map.find(absl::string_view(piece.data(), piece.size()));
@@ -648,7 +672,8 @@ absl::Status Bad(const std::string& origin, const std::string& field, const std:
   return absl::InvalidArgumentError(absl::StrCat(origin, ": ", field, ": ", what));
 }
 
-absl::StatusOr<SplitBehavior> ParseBehavior(const json& j, const std::string& origin, const std::string& field) {
+absl::StatusOr<SplitBehavior> ParseBehavior(const json& j, const std::string& origin,
+                                            const std::string& field) {
   if (!j.is_string()) return Bad(origin, field, "expected a string");
   const std::string s = j.get<std::string>();
   if (s == "Removed") return SplitBehavior::kRemoved;
@@ -680,7 +705,8 @@ absl::Status ParsePreTokenizer(const json& j, const std::string& origin, const s
     return absl::OkStatus();
   }
   if (type == "Split") {
-    if (!j.contains("pattern") || !j["pattern"].is_object()) return Bad(origin, field + ".pattern", "missing");
+    if (!j.contains("pattern") || !j["pattern"].is_object())
+      return Bad(origin, field + ".pattern", "missing");
     const json& p = j["pattern"];
     std::string pattern;
     if (p.contains("Regex") && p["Regex"].is_string()) {
@@ -691,7 +717,8 @@ absl::Status ParsePreTokenizer(const json& j, const std::string& origin, const s
       return Bad(origin, field + ".pattern", "expected {\"Regex\": ...} or {\"String\": ...}");
     }
     SplitStep step;
-    ASSIGN_OR_RETURN(step.regex, Regex::Compile(pattern, absl::StrCat(origin, ": ", field, ".pattern")));
+    ASSIGN_OR_RETURN(step.regex,
+                     Regex::Compile(pattern, absl::StrCat(origin, ": ", field, ".pattern")));
     if (!j.contains("behavior")) return Bad(origin, field + ".behavior", "missing");
     ASSIGN_OR_RETURN(step.behavior, ParseBehavior(j["behavior"], origin, field + ".behavior"));
     step.invert = BoolOr(j, "invert", false);
@@ -710,16 +737,19 @@ absl::Status ParsePreTokenizer(const json& j, const std::string& origin, const s
   if (type == "Digits") {
     SplitStep step;
     ASSIGN_OR_RETURN(step.regex, Regex::Compile(R"(\p{N})", origin + ": " + field));
-    step.behavior = BoolOr(j, "individual_digits", false) ? SplitBehavior::kIsolated : SplitBehavior::kContiguous;
+    step.behavior = BoolOr(j, "individual_digits", false) ? SplitBehavior::kIsolated
+                                                          : SplitBehavior::kContiguous;
     step.invert = false;
     steps->push_back(std::move(step));
     return absl::OkStatus();
   }
-  return absl::UnimplementedError(absl::StrCat(origin, ": ", field, ": pre-tokenizer type '", type,
-                                               "' is not supported (Sequence, Split, ByteLevel, Digits are)"));
+  return absl::UnimplementedError(
+      absl::StrCat(origin, ": ", field, ": pre-tokenizer type '", type,
+                   "' is not supported (Sequence, Split, ByteLevel, Digits are)"));
 }
 
-absl::Status ParseNormalizer(const json& j, const std::string& origin, const std::string& field, bool* nfc) {
+absl::Status ParseNormalizer(const json& j, const std::string& origin, const std::string& field,
+                             bool* nfc) {
   if (j.is_null()) return absl::OkStatus();
   if (!j.is_object() || !j.contains("type") || !j["type"].is_string())
     return Bad(origin, field, "expected an object with a string 'type'");
@@ -728,7 +758,8 @@ absl::Status ParseNormalizer(const json& j, const std::string& origin, const std
     if (!j.contains("normalizers") || !j["normalizers"].is_array())
       return Bad(origin, field + ".normalizers", "expected an array");
     for (size_t i = 0; i < j["normalizers"].size(); ++i)
-      RETURN_IF_ERROR(ParseNormalizer(j["normalizers"][i], origin, absl::StrCat(field, ".normalizers[", i, "]"), nfc));
+      RETURN_IF_ERROR(ParseNormalizer(j["normalizers"][i], origin,
+                                      absl::StrCat(field, ".normalizers[", i, "]"), nfc));
     return absl::OkStatus();
   }
   if (type == "NFC") {
@@ -736,11 +767,12 @@ absl::Status ParseNormalizer(const json& j, const std::string& origin, const std
     *nfc = true;
     return absl::OkStatus();
 #else
-    return absl::UnimplementedError(absl::StrCat(origin, ": ", field, ": NFC needs ICU, not built in"));
+    return absl::UnimplementedError(
+        absl::StrCat(origin, ": ", field, ": NFC needs ICU, not built in"));
 #endif
   }
-  return absl::UnimplementedError(
-      absl::StrCat(origin, ": ", field, ": normalizer type '", type, "' is not supported (NFC, Sequence are)"));
+  return absl::UnimplementedError(absl::StrCat(origin, ": ", field, ": normalizer type '", type,
+                                               "' is not supported (NFC, Sequence are)"));
 }
 
 absl::Status ParseDecoder(const json& j, const std::string& origin, const std::string& field,
@@ -753,10 +785,11 @@ absl::Status ParseDecoder(const json& j, const std::string& origin, const std::s
     *kind = TokenizerImpl::DecoderKind::kByteLevel;
     return absl::OkStatus();
   }
-  if (type == "Sequence" && j.contains("decoders") && j["decoders"].is_array() && j["decoders"].size() == 1)
+  if (type == "Sequence" && j.contains("decoders") && j["decoders"].is_array() &&
+      j["decoders"].size() == 1)
     return ParseDecoder(j["decoders"][0], origin, field + ".decoders[0]", kind);
-  return absl::UnimplementedError(
-      absl::StrCat(origin, ": ", field, ": decoder type '", type, "' is not supported (ByteLevel is)"));
+  return absl::UnimplementedError(absl::StrCat(origin, ": ", field, ": decoder type '", type,
+                                               "' is not supported (ByteLevel is)"));
 }
 
 std::optional<std::string> ConfigToken(const json& cfg, const char* key) {
@@ -776,26 +809,33 @@ absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildImpl(const json& root, const
   // Model.
   if (!root.contains("model") || !root["model"].is_object()) return Bad(origin, "model", "missing");
   const json& model = root["model"];
-  if (model.contains("type") && !(model["type"].is_string() && model["type"].get<std::string>() == "BPE"))
+  if (model.contains("type") &&
+      !(model["type"].is_string() && model["type"].get<std::string>() == "BPE"))
     return absl::UnimplementedError(
         absl::StrCat(origin, ": model.type: only BPE is supported, got ", model["type"].dump()));
   for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
-    if (model.contains(key) && !model[key].is_null() && !(model[key].is_string() && model[key].get<std::string>().empty()))
+    if (model.contains(key) && !model[key].is_null() &&
+        !(model[key].is_string() && model[key].get<std::string>().empty()))
       return absl::UnimplementedError(absl::StrCat(origin, ": model.", key, " is not supported"));
   }
-  if (model.contains("dropout") && model["dropout"].is_number() && model["dropout"].get<double>() > 0)
+  if (model.contains("dropout") && model["dropout"].is_number() &&
+      model["dropout"].get<double>() > 0)
     return absl::UnimplementedError(absl::StrCat(origin, ": model.dropout is not supported"));
-  if (!model.contains("vocab") || !model["vocab"].is_object()) return Bad(origin, "model.vocab", "missing");
+  if (!model.contains("vocab") || !model["vocab"].is_object())
+    return Bad(origin, "model.vocab", "missing");
   int32_t max_id = -1;
   absl::flat_hash_map<TokenId, std::string> id_owner;
   for (auto it = model["vocab"].begin(); it != model["vocab"].end(); ++it) {
-    if (!it.value().is_number_integer()) return Bad(origin, "model.vocab[\"" + it.key() + "\"]", "id is not an integer");
+    if (!it.value().is_number_integer())
+      return Bad(origin, "model.vocab[\"" + it.key() + "\"]", "id is not an integer");
     const int64_t id = it.value().get<int64_t>();
-    if (id < 0 || id > (1 << 30)) return Bad(origin, "model.vocab[\"" + it.key() + "\"]", "id out of range");
+    if (id < 0 || id > (1 << 30))
+      return Bad(origin, "model.vocab[\"" + it.key() + "\"]", "id out of range");
     auto [owner, inserted] = id_owner.emplace(static_cast<TokenId>(id), it.key());
     if (!inserted)
-      return Bad(origin, "model.vocab", absl::StrCat("duplicate id ", id, " for tokens '", owner->second, "' and '",
-                                                     it.key(), "'"));
+      return Bad(origin, "model.vocab",
+                 absl::StrCat("duplicate id ", id, " for tokens '", owner->second, "' and '",
+                              it.key(), "'"));
     impl->vocab[it.key()] = static_cast<TokenId>(id);
     max_id = std::max<int32_t>(max_id, static_cast<int32_t>(id));
   }
@@ -805,10 +845,12 @@ absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildImpl(const json& root, const
   if (model.contains("unk_token") && model["unk_token"].is_string()) {
     auto it = impl->vocab.find(model["unk_token"].get<std::string>());
     if (it == impl->vocab.end())
-      return Bad(origin, "model.unk_token", "'" + model["unk_token"].get<std::string>() + "' is not in the vocab");
+      return Bad(origin, "model.unk_token",
+                 "'" + model["unk_token"].get<std::string>() + "' is not in the vocab");
     impl->unk_id = it->second;
   }
-  if (!model.contains("merges") || !model["merges"].is_array()) return Bad(origin, "model.merges", "missing");
+  if (!model.contains("merges") || !model["merges"].is_array())
+    return Bad(origin, "model.merges", "missing");
   const json& merges = model["merges"];
   impl->merges.reserve(merges.size());
   for (size_t i = 0; i < merges.size(); ++i) {
@@ -821,7 +863,8 @@ absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildImpl(const json& root, const
         return Bad(origin, field, "'" + s + "' is not two tokens separated by one space");
       a = s.substr(0, sp);
       b = s.substr(sp + 1);
-    } else if (merges[i].is_array() && merges[i].size() == 2 && merges[i][0].is_string() && merges[i][1].is_string()) {
+    } else if (merges[i].is_array() && merges[i].size() == 2 && merges[i][0].is_string() &&
+               merges[i][1].is_string()) {
       a = merges[i][0].get<std::string>();
       b = merges[i][1].get<std::string>();
     } else {
@@ -832,7 +875,8 @@ absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildImpl(const json& root, const
     auto ib = impl->vocab.find(b);
     if (ib == impl->vocab.end()) return Bad(origin, field, "names unknown token '" + b + "'");
     auto iab = impl->vocab.find(a + b);
-    if (iab == impl->vocab.end()) return Bad(origin, field, "merged token '" + a + b + "' is not in the vocab");
+    if (iab == impl->vocab.end())
+      return Bad(origin, field, "merged token '" + a + b + "' is not in the vocab");
     // A pair listed twice: the library collects the ranked list into a
     // HashMap, so the last occurrence wins; so does this.
     impl->merges[PairKey(ia->second, ib->second)] = {static_cast<int32_t>(i), iab->second};
@@ -845,8 +889,8 @@ absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildImpl(const json& root, const
     for (size_t i = 0; i < root["added_tokens"].size(); ++i) {
       const json& t = root["added_tokens"][i];
       const std::string field = absl::StrCat("added_tokens[", i, "]");
-      if (!t.is_object() || !t.contains("id") || !t["id"].is_number_integer() || !t.contains("content") ||
-          !t["content"].is_string())
+      if (!t.is_object() || !t.contains("id") || !t["id"].is_number_integer() ||
+          !t.contains("content") || !t["content"].is_string())
         return Bad(origin, field, "expected an object with integer 'id' and string 'content'");
       AddedToken tok;
       const int64_t id = t["id"].get<int64_t>();
@@ -859,13 +903,16 @@ absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildImpl(const json& root, const
       tok.rstrip = BoolOr(t, "rstrip", false);
       tok.normalized = BoolOr(t, "normalized", !tok.special);
       if (auto [it, inserted] = added_ids.emplace(tok.id, tok.content); !inserted)
-        return Bad(origin, field, absl::StrCat("duplicate id ", tok.id, " (also '", it->second, "')"));
+        return Bad(origin, field,
+                   absl::StrCat("duplicate id ", tok.id, " (also '", it->second, "')"));
       if (auto it = id_owner.find(tok.id); it != id_owner.end() && it->second != tok.content)
-        return Bad(origin, field, absl::StrCat("id ", tok.id, " of '", tok.content, "' already belongs to vocab token '",
-                                               it->second, "'"));
+        return Bad(origin, field,
+                   absl::StrCat("id ", tok.id, " of '", tok.content,
+                                "' already belongs to vocab token '", it->second, "'"));
       if (auto it = impl->vocab.find(tok.content); it != impl->vocab.end() && it->second != tok.id)
-        return Bad(origin, field, absl::StrCat("'", tok.content, "' has id ", tok.id, " but the vocab gives it ",
-                                               it->second));
+        return Bad(origin, field,
+                   absl::StrCat("'", tok.content, "' has id ", tok.id, " but the vocab gives it ",
+                                it->second));
       impl->vocab[tok.content] = tok.id;
       max_id = std::max(max_id, tok.id);
       impl->added.push_back(std::move(tok));
@@ -876,11 +923,12 @@ absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildImpl(const json& root, const
   }
 
   // Pipeline.
-  RETURN_IF_ERROR(ParseNormalizer(root.value("normalizer", json()), origin, "normalizer", &impl->normalize_nfc));
+  RETURN_IF_ERROR(ParseNormalizer(root.value("normalizer", json()), origin, "normalizer",
+                                  &impl->normalize_nfc));
   RETURN_IF_ERROR(ParsePreTokenizer(root.value("pre_tokenizer", json()), origin, "pre_tokenizer",
                                     &impl->pre_tokenizers));
-  impl->deferred_byte_level =
-      !impl->pre_tokenizers.empty() && std::holds_alternative<ByteLevelStep>(impl->pre_tokenizers.back());
+  impl->deferred_byte_level = !impl->pre_tokenizers.empty() &&
+                              std::holds_alternative<ByteLevelStep>(impl->pre_tokenizers.back());
   RETURN_IF_ERROR(ParseDecoder(root.value("decoder", json()), origin, "decoder", &impl->decoder));
   if (root.contains("post_processor") && !root["post_processor"].is_null()) {
     // Post-processors only act with add_special_tokens in the library; retort
@@ -918,7 +966,8 @@ absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildImpl(const json& root, const
       bool all = true;
       size_t i = 0;
       while (i < tok.size()) {
-        Utf8Char c = ReadUtf8(reinterpret_cast<const unsigned char*>(tok.data()) + i, tok.size() - i);
+        Utf8Char c =
+            ReadUtf8(reinterpret_cast<const unsigned char*>(tok.data()) + i, tok.size() - i);
         if (c.kind != Utf8Char::kValid) {
           all = false;
           break;
@@ -953,8 +1002,10 @@ absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildImpl(const json& root, const
     RETURN_IF_ERROR(lookup("pad_token", &impl->pad));
     impl->add_bos = BoolOr(cfg, "add_bos_token", false);
     impl->add_eos = BoolOr(cfg, "add_eos_token", false);
-    if (impl->add_bos && !impl->bos) return Bad("tokenizer_config.json", "add_bos_token", "true but no bos_token");
-    if (impl->add_eos && !impl->eos) return Bad("tokenizer_config.json", "add_eos_token", "true but no eos_token");
+    if (impl->add_bos && !impl->bos)
+      return Bad("tokenizer_config.json", "add_bos_token", "true but no bos_token");
+    if (impl->add_eos && !impl->eos)
+      return Bad("tokenizer_config.json", "add_eos_token", "true but no eos_token");
   }
   return impl;
 }
@@ -1026,7 +1077,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
     try {
       cfg = nlohmann::json::parse(config_json.begin(), config_json.end());
     } catch (const nlohmann::json::exception& e) {
-      return absl::InvalidArgumentError(absl::StrCat("tokenizer_config.json: not valid JSON: ", e.what()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("tokenizer_config.json: not valid JSON: ", e.what()));
     }
   }
   absl::StatusOr<std::unique_ptr<internal::TokenizerImpl>> impl;
@@ -1048,10 +1100,12 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::LoadDir(const std::string&
   return FromJson(tok, cfg, tok_path);
 }
 
-absl::StatusOr<std::vector<TokenId>> Tokenizer::Encode(absl::string_view text, const EncodeOptions& options) const {
+absl::StatusOr<std::vector<TokenId>> Tokenizer::Encode(absl::string_view text,
+                                                       const EncodeOptions& options) const {
   if (std::optional<size_t> bad = FindInvalidUtf8(text)) {
-    return absl::InvalidArgumentError(absl::StrCat("Encode: input is not valid UTF-8 at byte offset ", *bad, " of ",
-                                                   text.size(), " (retort rejects invalid UTF-8; it does not repair it)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("Encode: input is not valid UTF-8 at byte offset ", *bad, " of ", text.size(),
+                     " (retort rejects invalid UTF-8; it does not repair it)"));
   }
   const internal::TokenizerImpl& im = *impl_;
   std::vector<TokenId> ids;
@@ -1059,8 +1113,8 @@ absl::StatusOr<std::vector<TokenId>> Tokenizer::Encode(absl::string_view text, c
   if (options.add_special_tokens && im.add_bos) ids.push_back(*im.bos);
 
   std::vector<internal::Segment> raw_segments;
-  internal::SplitAddedTokens(im.raw_matcher, std::string_view(text.data(), text.size()), options.match_special_tokens,
-                             &raw_segments);
+  internal::SplitAddedTokens(im.raw_matcher, std::string_view(text.data(), text.size()),
+                             options.match_special_tokens, &raw_segments);
   std::deque<std::string> storage;
   std::vector<std::string_view> pieces;
   std::vector<internal::Segment> segments;
@@ -1075,7 +1129,8 @@ absl::StatusOr<std::vector<TokenId>> Tokenizer::Encode(absl::string_view text, c
       normalized = storage.back();
     }
     segments.clear();
-    internal::SplitAddedTokens(im.normalized_matcher, normalized, options.match_special_tokens, &segments);
+    internal::SplitAddedTokens(im.normalized_matcher, normalized, options.match_special_tokens,
+                               &segments);
     for (const internal::Segment& seg : segments) {
       if (seg.token != nullptr) {
         ids.push_back(seg.token->id);
@@ -1102,7 +1157,8 @@ std::string Tokenizer::Decode(const std::vector<TokenId>& ids, bool skip_special
   for (TokenId id : ids) {
     if (id < 0 || static_cast<size_t>(id) >= im.known.size() || !im.known[id]) continue;
     if (skip_special_tokens && im.is_special[id]) continue;
-    if (im.decoder == internal::TokenizerImpl::DecoderKind::kJoinWithSpace && !first) bytes.push_back(' ');
+    if (im.decoder == internal::TokenizerImpl::DecoderKind::kJoinWithSpace && !first)
+      bytes.push_back(' ');
     bytes += im.token_bytes[id];
     first = false;
   }
@@ -1116,7 +1172,8 @@ std::optional<TokenId> Tokenizer::TokenToId(absl::string_view token) const {
 }
 
 std::optional<std::string> Tokenizer::IdToToken(TokenId id) const {
-  if (id < 0 || static_cast<size_t>(id) >= impl_->known.size() || !impl_->known[id]) return std::nullopt;
+  if (id < 0 || static_cast<size_t>(id) >= impl_->known.size() || !impl_->known[id])
+    return std::nullopt;
   return impl_->id_to_token[id];
 }
 

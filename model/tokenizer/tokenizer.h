@@ -68,8 +68,7 @@ class Tokenizer {
   // tokenizer.json is missing; InvalidArgument naming the file and field for
   // anything malformed (missing model, merges naming unknown tokens, a regex
   // PCRE2 rejects, duplicate ids, unsupported component types...).
-  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Tokenizer>> LoadDir(
-      const std::string& dir);
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Tokenizer>> LoadDir(const std::string& dir);
   // Same from in-memory JSON texts; `config_json` may be empty. `origin`
   // names the source in error messages.
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(
@@ -87,8 +86,7 @@ class Tokenizer {
   // Ids -> text, as the library's decode. Ids outside the vocabulary are
   // skipped (library behaviour; check with IdToToken first when that matters).
   // skip_special_tokens drops added tokens marked special.
-  std::string Decode(const std::vector<TokenId>& ids,
-                     bool skip_special_tokens = false) const;
+  std::string Decode(const std::vector<TokenId>& ids, bool skip_special_tokens = false) const;
 
   // Raw bytes one token contributes to decoded text (no UTF-8 repair); empty
   // for unknown ids. Concatenating these and repairing gives Decode.
@@ -115,13 +113,15 @@ class Tokenizer {
 
 // Incremental ids -> text for streaming output. Text is emitted only once it
 // forms complete UTF-8 characters, so a character split across tokens is
-// never printed half. Concatenating every Push result and Finish equals
-// Decode(all ids) for any id sequence whose bytes are valid UTF-8; invalid
-// bytes become U+FFFD as soon as they are known to be invalid.
+// never printed half. With a ByteLevel decoder, concatenating every Push
+// result and Finish equals Decode(all ids, same skip flag) for every id
+// sequence: invalid bytes become U+FFFD as soon as they are known to be
+// invalid, an unfinished character at the end becomes U+FFFD in Finish.
+// (Tokenizers without a decoder, whose Decode joins tokens with " ", are not
+// streamed with those separators.)
 class StreamDecoder {
  public:
-  explicit StreamDecoder(const Tokenizer* tokenizer,
-                         bool skip_special_tokens = false)
+  explicit StreamDecoder(const Tokenizer* tokenizer, bool skip_special_tokens = false)
       : tokenizer_(tokenizer), skip_special_tokens_(skip_special_tokens) {}
 
   // Text that became complete with `id` (possibly empty).

@@ -35,6 +35,8 @@ class WeightLoader {
                                             absl::StrJoin(names.begin() + 1, names.end(), ", "), ")"));
   }
 
+  std::string FileOf(const std::string& name) const { return ckpt_.FileOf(name); }
+
   static std::vector<std::string> Names(const std::string& released, const std::string& hf,
                                         std::vector<std::string> aliases = {}) {
     std::vector<std::string> v = {released, "model." + released, hf};
@@ -157,7 +159,8 @@ class WeightLoader {
       return absl::InvalidArgumentError(absl::StrCat(ckpt_.FileOf(sname), ": FP8 scale '", sname,
                                                      "' must be F8_E8M0 or F32"));
     }
-    for (int64_t i = 0; i < out.numel(); ++i)
+    const int64_t n = out.numel();
+    for (int64_t i = 0; i < n; ++i)
       if (!std::isfinite(out.data<float>()[i]))
         return absl::DataLossError(absl::StrCat(ckpt_.FileOf(name), ": FP8 tensor '", name,
                                                 "' decodes to a non-finite value (NaN code or scale)"));
@@ -242,13 +245,15 @@ absl::StatusOr<Layer> LoadLayer(WeightLoader& L, const V4Config& c, int l) {
   const int64_t E = c.n_routed_experts, I = c.moe_intermediate;
   ASSIGN_OR_RETURN(m.gate, L.F32(WeightLoader::Names(rf + "gate.weight", hm + "gate.weight"), {E, d}));
   if (m.hash_routed) {
-    ASSIGN_OR_RETURN(m.tid2eid, L.I64(WeightLoader::Names(rf + "gate.tid2eid", hm + "gate.tid2eid"),
-                                      {c.vocab_size, c.experts_per_token}));
-    for (int64_t i = 0; i < m.tid2eid.numel(); ++i) {
+    ASSIGN_OR_RETURN(const std::string tid2eid,
+                     L.Resolve(WeightLoader::Names(rf + "gate.tid2eid", hm + "gate.tid2eid")));
+    ASSIGN_OR_RETURN(m.tid2eid, L.I64({tid2eid}, {c.vocab_size, c.experts_per_token}));
+    const int64_t n = m.tid2eid.numel();
+    for (int64_t i = 0; i < n; ++i) {
       const int64_t e = m.tid2eid.data<int64_t>()[i];
       if (e < 0 || e >= E)
-        return absl::InvalidArgumentError(absl::StrCat("layer ", l, " tid2eid entry ", i, " names expert ", e,
-                                                       ", outside 0..", E - 1));
+        return absl::InvalidArgumentError(absl::StrCat(L.FileOf(tid2eid), ": tensor '", tid2eid, "' entry ", i,
+                                                       " names expert ", e, ", outside 0..", E - 1));
     }
   } else {
     ASSIGN_OR_RETURN(m.bias, L.F32(WeightLoader::Names(rf + "gate.bias", hm + "gate.e_score_correction_bias"), {E}));

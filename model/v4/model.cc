@@ -197,10 +197,12 @@ void ModelRunner::HcPost(const std::vector<float>& F, const std::vector<float>& 
       for (int k = 0; k < hc; ++k) {
         float* dst = xr + k * d;
         const float p = post[r * hc + k];
-        for (int64_t i = 0; i < d; ++i) {
-          float acc = p * F[r * d + i];
-          for (int j = 0; j < hc; ++j) acc += cm[j * hc + k] * old[j * d + i];
-          dst[i] = acc;
+        const float* f = F.data() + r * d;
+        for (int64_t i = 0; i < d; ++i) dst[i] = p * f[i];
+        for (int j = 0; j < hc; ++j) {
+          const float cjk = cm[j * hc + k];
+          const float* src = old.data() + j * d;
+          for (int64_t i = 0; i < d; ++i) dst[i] += cjk * src[i];
         }
       }
     }

@@ -1,6 +1,9 @@
 #include "model/kernels/cpu/cpu_kernels.h"
 
 #include <cblas.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -47,13 +50,65 @@ inline void DecodeBlock32(const uint8_t* codes16, float scale, float* w32) {
 
 }  // namespace
 
+#if defined(__AVX2__) && defined(__FMA__)
+// Decodes 32 e2m1 codes (16 bytes, low nibble first) times `scale` into four
+// 8-lane registers: nibbles are interleaved into bytes, widened to int32
+// lanes and looked up in an 8-entry magnitude table; bit 3 is the sign.
+inline void DecodeBlock32Avx2(const uint8_t* codes16, float scale, __m256* w) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes16));
+  const __m128i lo = _mm_and_si128(bytes, _mm_set1_epi8(0x0f));
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0f));
+  const __m128i first = _mm_unpacklo_epi8(lo, hi);   // elements 0..15
+  const __m128i second = _mm_unpackhi_epi8(lo, hi);  // elements 16..31
+  const __m256 mags = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+  const __m256 vscale = _mm256_set1_ps(scale);
+  const __m128i parts[4] = {first, _mm_srli_si128(first, 8), second, _mm_srli_si128(second, 8)};
+  for (int q = 0; q < 4; ++q) {
+    const __m256i idx = _mm256_cvtepu8_epi32(parts[q]);
+    const __m256 mag = _mm256_permutevar8x32_ps(mags, idx);  // uses the low 3 bits
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(idx, _mm256_set1_epi32(8)), 28);
+    w[q] = _mm256_mul_ps(_mm256_xor_ps(mag, _mm256_castsi256_ps(sign)), vscale);
+  }
+}
+#endif
+
 void MxFp4MatMul(const float* x, int64_t T, int64_t in, const uint8_t* codes, const uint8_t* scales,
                  int64_t out, float* y) {
   const int64_t blocks = in / 32;
-  // Rows of W are split across threads; each thread decodes a 32-value block
-  // once and applies it to every row of x (so decode cost is amortised over T).
+  // Rows of W are split across threads. Each 32-value block is decoded once
+  // into registers and applied to every row of x; products accumulate in
+  // 8-lane partial sums reduced once per output.
   ParallelFor(out, std::max<int64_t>(1, 256 / std::max<int64_t>(1, T)), [&](int64_t o0, int64_t o1) {
-    std::vector<float> acc(static_cast<size_t>(T));
+#if defined(__AVX2__) && defined(__FMA__)
+    // 8-lane accumulators per row of x, kept as floats (std::vector<__m256>
+    // would drop the type's alignment attribute).
+    std::vector<float> accf(static_cast<size_t>(T) * 8 + 8);
+    float* acc_base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(accf.data()) + 31) & ~uintptr_t{31});
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t t = 0; t < T; ++t) _mm256_store_ps(acc_base + 8 * t, _mm256_setzero_ps());
+      const uint8_t* crow = codes + o * (in / 2);
+      const uint8_t* srow = scales + o * blocks;
+      for (int64_t b = 0; b < blocks; ++b) {
+        __m256 w[4];
+        DecodeBlock32Avx2(crow + b * 16, E8M0ToF32(srow[b]), w);
+        const float* xb = x + b * 32;
+        for (int64_t t = 0; t < T; ++t) {
+          const float* xt = xb + t * in;
+          __m256 a = _mm256_load_ps(acc_base + 8 * t);
+          a = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xt), a);
+          a = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xt + 8), a);
+          a = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xt + 16), a);
+          a = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xt + 24), a);
+          _mm256_store_ps(acc_base + 8 * t, a);
+        }
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const float* a = acc_base + 8 * t;
+        y[t * out + o] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+      }
+    }
+#else
+    std::vector<float> acc(static_cast<size_t>(T) * 8);
     alignas(64) float w[32];
     for (int64_t o = o0; o < o1; ++o) {
       std::fill(acc.begin(), acc.end(), 0.0f);
@@ -64,13 +119,17 @@ void MxFp4MatMul(const float* x, int64_t T, int64_t in, const uint8_t* codes, co
         const float* xb = x + b * 32;
         for (int64_t t = 0; t < T; ++t) {
           const float* xt = xb + t * in;
-          float s = 0.0f;
-          for (int j = 0; j < 32; ++j) s += w[j] * xt[j];
-          acc[t] += s;
+          float* a = acc.data() + t * 8;
+          for (int j = 0; j < 32; j += 8)
+            for (int l = 0; l < 8; ++l) a[l] += w[j + l] * xt[j + l];
         }
       }
-      for (int64_t t = 0; t < T; ++t) y[t * out + o] = acc[t];
+      for (int64_t t = 0; t < T; ++t) {
+        const float* a = acc.data() + t * 8;
+        y[t * out + o] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+      }
     }
+#endif
   });
 }
 
