@@ -17,6 +17,8 @@
 #include "controller/flags.h"
 #include "model/base/status_macros.h"
 #include "model/io/safetensors.h"
+#include "model/tokenizer/chat_template.h"
+#include "model/tokenizer/tokenizer.h"
 #include "model/v4/model.h"
 #include "rollout/engine/sampler.h"
 
@@ -31,6 +33,10 @@ ABSL_FLAG(int32_t, max_new_tokens, 32, "generate: tokens to sample at most");
 ABSL_FLAG(double, temperature, 1.0, "generate: sampling temperature (0: greedy)");
 ABSL_FLAG(double, top_p, 1.0, "generate: nucleus sampling mass (1: off)");
 ABSL_FLAG(int32_t, top_k, 0, "generate: sample among the k most likely tokens (0: off)");
+ABSL_FLAG(std::string, prompt, "",
+          "generate: user text, rendered with the V4 chat template and encoded with the model's tokenizer "
+          "(--tokenizer, default --model); the completion is printed as text");
+ABSL_FLAG(std::string, reasoning, "none", "generate --prompt: reasoning mode none|high|max");
 ABSL_FLAG(bool, ignore_eos, false, "generate: keep sampling after the end-of-sequence token");
 ABSL_FLAG(int64_t, context, 4096, "inspect: context length for the KV-state size");
 
@@ -171,7 +177,27 @@ absl::StatusOr<std::vector<int64_t>> ParseIds(const std::string& text) {
 
 absl::Status Generate() {
   ASSIGN_OR_RETURN(auto model, LoadModelFromFlags());
-  ASSIGN_OR_RETURN(std::vector<int64_t> prompt, ParseIds(absl::GetFlag(FLAGS_tokens)));
+  const std::string prompt_text = absl::GetFlag(FLAGS_prompt);
+  if (prompt_text.empty() == absl::GetFlag(FLAGS_tokens).empty())
+    return absl::InvalidArgumentError("give exactly one of --tokens \"1 2 3\" or --prompt \"text\"");
+  std::vector<int64_t> prompt;
+  std::unique_ptr<tokenizer::Tokenizer> tok;
+  tokenizer::ReasoningMode mode = tokenizer::ReasoningMode::kNone;
+  if (!prompt_text.empty()) {
+    std::string dir = absl::GetFlag(FLAGS_tokenizer);
+    if (dir.empty()) dir = absl::GetFlag(FLAGS_model);
+    ASSIGN_OR_RETURN(tok, tokenizer::Tokenizer::LoadDir(dir));
+    ASSIGN_OR_RETURN(mode, tokenizer::ParseReasoningMode(absl::GetFlag(FLAGS_reasoning)));
+    tokenizer::Message user;
+    user.role = tokenizer::Role::kUser;
+    user.content = prompt_text;
+    tokenizer::ChatOptions opts;
+    opts.reasoning = mode;
+    ASSIGN_OR_RETURN(std::vector<tokenizer::TokenId> ids, tokenizer::RenderChatIds(*tok, {user}, opts));
+    prompt.assign(ids.begin(), ids.end());
+  } else {
+    ASSIGN_OR_RETURN(prompt, ParseIds(absl::GetFlag(FLAGS_tokens)));
+  }
   rollout::SamplingParams sp;
   sp.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
   sp.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
@@ -183,29 +209,47 @@ absl::Status Generate() {
   rollout::Sampler sampler(sp);
   auto state = model->NewState();
   const int64_t V = model->config().vocab_size;
+  const int64_t eos = tok && tok->eos_id() ? *tok->eos_id() : model->config().eos_token_id;
   std::vector<v4::Model::Chunk> chunk = {{state.get(), prompt}};
   const auto t0 = Clock::now();
   ASSIGN_OR_RETURN(std::vector<float> logits, model->Step(chunk));
   const double prefill_s = Seconds(t0, Clock::now());
   std::vector<int64_t> out;
   double sum_logprob = 0.0;
+  std::unique_ptr<tokenizer::StreamDecoder> stream;
+  if (tok) stream = std::make_unique<tokenizer::StreamDecoder>(tok.get());
   const auto t1 = Clock::now();
   for (int32_t i = 0; i < max_new; ++i) {
     const float* last = logits.data() + (logits.size() / V - 1) * V;
     rollout::SampledToken s = sampler.Sample(absl::MakeConstSpan(last, V));
     out.push_back(s.token);
     sum_logprob += s.logprob;
-    if (s.token == model->config().eos_token_id && !absl::GetFlag(FLAGS_ignore_eos)) break;
+    if (stream) {  // text streams as it is generated, UTF-8 safe across tokens
+      std::fputs(stream->Push(static_cast<tokenizer::TokenId>(s.token)).c_str(), stdout);
+      std::fflush(stdout);
+    }
+    if (s.token == eos && !absl::GetFlag(FLAGS_ignore_eos)) break;
     if (i + 1 == max_new) break;
     chunk[0].tokens = absl::MakeConstSpan(&out.back(), 1);
     ASSIGN_OR_RETURN(logits, model->Step(chunk));
   }
-  std::string line;
-  for (size_t i = 0; i < out.size(); ++i) absl::StrAppend(&line, i ? " " : "", out[i]);
-  std::printf("%s\n", line.c_str());
+  if (stream) {
+    std::printf("%s\n", stream->Finish().c_str());
+  } else {
+    std::string line;
+    for (size_t i = 0; i < out.size(); ++i) absl::StrAppend(&line, i ? " " : "", out[i]);
+    std::printf("%s\n", line.c_str());
+  }
   const double decode_s = Seconds(t1, Clock::now());
   std::fprintf(stderr, "prompt %zu tokens (prefill %.3fs), generated %zu tokens in %.3fs (%.1f tok/s), sum log-prob %.3f\n",
                prompt.size(), prefill_s, out.size(), decode_s, out.size() / std::max(decode_s, 1e-9), sum_logprob);
+  if (tok) {
+    std::vector<tokenizer::TokenId> ids(out.begin(), out.end());
+    tokenizer::ParsedCompletion parsed = tokenizer::ParseCompletion(tok->Decode(ids), mode);
+    std::fprintf(stderr, "completion: %s%s%s (reasoning %zu chars, answer %zu chars)\n",
+                 tokenizer::CompletionStatusName(parsed.status), parsed.error.empty() ? "" : ": ",
+                 parsed.error.c_str(), parsed.reasoning.size(), parsed.content.size());
+  }
   return absl::OkStatus();
 }
 

@@ -13,6 +13,7 @@ PACKAGES=(
   libopenblas-dev                  # sgemm ceiling in bench/, optional BLAS for CPU matmuls
   nlohmann-json3-dev               # config.json, safetensors headers, tokenizer.json
   libpcre2-dev                     # tokenizer pre-tokenizer regexes (Unicode properties, look-ahead)
+  libicu-dev                       # tokenizer NFC normalizer
   libseccomp-dev                   # sandbox syscall filter
   libprotobuf-dev protobuf-compiler
   libgrpc++-dev protobuf-compiler-grpc
