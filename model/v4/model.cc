@@ -121,7 +121,8 @@ class ModelRunner {
   // X'_k = post_k * F + sum_j comb[j][k] X_j.
   void HcPost(const std::vector<float>& F, const std::vector<float>& post, const std::vector<float>& comb,
               std::vector<float>& X) const;
-  void AttentionBlock(int layer, const std::vector<float>& x, std::vector<float>& out);
+  void AttentionBlock(int layer, const std::vector<float>& x, std::vector<float>& out,
+                      std::vector<std::vector<int32_t>>* selected);
   void MoeBlock(int layer, const std::vector<float>& x, std::vector<float>& out, std::vector<int32_t>* routes) const;
   // Feeds rows [r0, r0+n) of (kv, score) into a compressor; returns the new entries' count.
   void Compress(const Compressor& k, CompressorState& st, const float* kv, const float* score, int64_t n,
@@ -266,7 +267,8 @@ void ModelRunner::Compress(const Compressor& k, CompressorState& st, const float
   }
 }
 
-void ModelRunner::AttentionBlock(int layer, const std::vector<float>& x, std::vector<float>& out) {
+void ModelRunner::AttentionBlock(int layer, const std::vector<float>& x, std::vector<float>& out,
+                                 std::vector<std::vector<int32_t>>* selected) {
   const Attention& a = m_.weights_.layers[layer].attn;
   const int64_t d = c_.hidden_size, D = c_.head_dim, H = c_.num_heads, dc = c_.q_lora_rank;
   const int rope_kind = a.kind == AttentionKind::kSliding ? 0 : 1;
@@ -367,6 +369,7 @@ void ModelRunner::AttentionBlock(int layer, const std::vector<float>& x, std::ve
           });
           std::sort(order.begin(), order.begin() + k);
           for (int64_t i = 0; i < k; ++i) keys.push_back(ls.kv.entries.data() + order[i] * D);
+          if (selected) (*selected)[r0 + t].assign(order.begin(), order.begin() + k);
         }
         const int64_t nk = static_cast<int64_t>(keys.size());
         logits.resize(nk);
@@ -502,7 +505,11 @@ std::vector<float> ModelRunner::Run(StepOutputs* outputs) {
     const Layer& L = m_.weights_.layers[l];
     HcPre(L.attn_hc, X, u, post, comb);
     cpu::RmsNorm(u.data(), rows_, d, L.attn_norm.data<float>(), eps, xn.data());
-    AttentionBlock(l, xn, F);
+    std::vector<std::vector<int32_t>> selected;
+    const bool want_sel = outputs && outputs->capture_selection;
+    if (want_sel) selected.resize(rows_);
+    AttentionBlock(l, xn, F, want_sel ? &selected : nullptr);
+    if (want_sel) outputs->selected.push_back(std::move(selected));
     HcPost(F, post, comb, X);
     HcPre(L.ffn_hc, X, u, post, comb);
     cpu::RmsNorm(u.data(), rows_, d, L.ffn_norm.data<float>(), eps, xn.data());

@@ -150,6 +150,10 @@ struct StepOutputs {
   // routing replay in the learner), when requested.
   std::vector<std::vector<int32_t>> routes;
   bool capture_routes = false;
+  // selected[l][row]: the compressed entries the lightning indexer chose for
+  // that query in CSA layer l (ascending), when requested; empty elsewhere.
+  std::vector<std::vector<std::vector<int32_t>>> selected;
+  bool capture_selection = false;
 };
 
 class Model {
@@ -198,6 +202,10 @@ class Model {
   // Per rope kind (0 main, 1 compress): inverse frequencies [rope_dim/2].
   std::vector<float> inv_freq_[2];
   friend class ModelRunner;
+
+ public:
+  // Inverse RoPE frequencies: kind 0 = sliding layers, 1 = compressed layers.
+  const std::vector<float>& inv_freq(int kind) const { return inv_freq_[kind]; }
 };
 
 // Inverse RoPE frequencies of a RopeConfig for `rope_dim` rotary dims (YaRN
