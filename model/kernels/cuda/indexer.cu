@@ -1,0 +1,142 @@
+#include "model/kernels/cuda/indexer.cuh"
+
+#include <cub/block/block_scan.cuh>
+#include <cuda_runtime.h>
+
+#include "absl/strings/str_cat.h"
+#include "model/kernels/cuda/cuda_runtime.cuh"
+#include "model/kernels/cuda/device_utils.cuh"
+
+namespace retort::cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kTopKThreads = 512;
+
+// grid (ceil(cap / kWarps), B); q[b] staged in shared memory; one warp per entry.
+__global__ void __launch_bounds__(kWarps * 32) IndexerScoresKernel(const float* __restrict__ q,
+                                                                   const float* __restrict__ w,
+                                                                   const float* __restrict__ keys,
+                                                                   const int32_t* __restrict__ visible, int Hi, int Di,
+                                                                   int64_t cap, float* __restrict__ scores) {
+  extern __shared__ float qs[];
+  const int64_t b = blockIdx.y;
+  for (int i = threadIdx.x; i < Hi * Di; i += blockDim.x) qs[i] = q[b * Hi * Di + i];
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (s >= visible[b]) return;
+  const float* k = keys + (b * cap + s) * Di;
+  float kr[16];  // Di <= 512
+  const int per = Di / 32;
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    if (i < per) kr[i] = k[lane + 32 * i];
+  const float wscale = 1.0f / sqrtf(static_cast<float>(Hi)), sscale = 1.0f / sqrtf(static_cast<float>(Di));
+  float acc = 0.0f;
+  for (int h = 0; h < Hi; ++h) {
+    float dot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+      if (i < per) dot += qs[h * Di + lane + 32 * i] * kr[i];
+    dot = internal::WarpSum(dot);
+    acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(fmaxf(dot, 0.0f), sscale), __fmul_rn(w[b * Hi + h], wscale)));
+  }
+  if (lane == 0) scores[b * cap + s] = acc;
+}
+
+// One block per row: a 4-pass radix select (8 bits each) of the k-th largest
+// ordered key, then an ordered compaction (block scans) that keeps every key
+// above it and the lowest-index ties at it.
+__global__ void __launch_bounds__(kTopKThreads) TopKKernel(const float* __restrict__ scores,
+                                                           const int32_t* __restrict__ nrow, int64_t stride, int k,
+                                                           int32_t* __restrict__ selected, int32_t* __restrict__ count) {
+  using Scan = cub::BlockScan<int, kTopKThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ int hist[256];
+  __shared__ uint32_t prefix_s;
+  __shared__ int remaining_s;
+  __shared__ int base_s, ties_s;
+  const int64_t b = blockIdx.x;
+  const int n = nrow[b];
+  const float* sc = scores + b * stride;
+  int32_t* out = selected + b * k;
+  if (n <= k) {
+    for (int i = threadIdx.x; i < n; i += kTopKThreads) out[i] = i;
+    if (threadIdx.x == 0) count[b] = n;
+    return;
+  }
+  if (threadIdx.x == 0) prefix_s = 0, remaining_s = k;
+  uint32_t mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += kTopKThreads) hist[i] = 0;
+    __syncthreads();
+    const uint32_t prefix = prefix_s;
+    for (int i = threadIdx.x; i < n; i += kTopKThreads) {
+      const uint32_t key = internal::OrderedKey(sc[i]);
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xff], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int rem = remaining_s, digit = 255;
+      for (; digit > 0; --digit) {
+        if (hist[digit] >= rem) break;
+        rem -= hist[digit];
+      }
+      prefix_s = prefix | (static_cast<uint32_t>(digit) << shift);
+      remaining_s = rem;  // how many keys equal to the final threshold to take (after the last pass)
+    }
+    mask |= 0xffu << shift;
+    __syncthreads();
+  }
+  const uint32_t thresh = prefix_s;
+  const int ties_wanted = remaining_s;
+  if (threadIdx.x == 0) base_s = 0, ties_s = 0;
+  __syncthreads();
+  for (int c0 = 0; c0 < n; c0 += kTopKThreads) {
+    const int i = c0 + threadIdx.x;
+    const uint32_t key = i < n ? internal::OrderedKey(sc[i]) : 0u;
+    const int is_tie = (i < n && key == thresh) ? 1 : 0;
+    int tie_rank, tie_total;
+    Scan(scan_tmp).ExclusiveSum(is_tie, tie_rank, tie_total);
+    __syncthreads();
+    const int take = (i < n && (key > thresh || (is_tie && ties_s + tie_rank < ties_wanted))) ? 1 : 0;
+    int pos, total;
+    Scan(scan_tmp).ExclusiveSum(take, pos, total);
+    if (take) out[base_s + pos] = i;
+    __syncthreads();
+    if (threadIdx.x == 0) base_s += total, ties_s += tie_total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) count[b] = base_s;
+}
+
+}  // namespace
+
+absl::Status IndexerScores(const float* q, const float* w, const float* keys, const int32_t* visible, int64_t B,
+                           int Hi, int Di, int64_t cap, float* scores, cudaStream_t stream) {
+  if (Di % 32 != 0 || Di > 512 || Hi < 1 || static_cast<int64_t>(Hi) * Di > 16384)
+    return absl::InvalidArgumentError(absl::StrCat("IndexerScores: need Di % 32 == 0, Di <= 512, Hi*Di <= 16384; got Hi=",
+                                                   Hi, " Di=", Di));
+  if (B == 0 || cap == 0) return absl::OkStatus();
+  if (B > 65535) return absl::InvalidArgumentError(absl::StrCat("IndexerScores: B ", B, " > 65535"));
+  const size_t smem = sizeof(float) * Hi * Di;
+  if (smem > 48 * 1024)
+    RETORT_CUDA_RETURN(cudaFuncSetAttribute(IndexerScoresKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>((cap + kWarps - 1) / kWarps), static_cast<unsigned>(B));
+  IndexerScoresKernel<<<grid, kWarps * 32, smem, stream>>>(q, w, keys, visible, Hi, Di, cap, scores);
+  RETORT_CUDA_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
+absl::Status TopKAscending(const float* scores, const int32_t* n, int64_t B, int64_t stride, int k, int32_t* selected,
+                           int32_t* count, cudaStream_t stream) {
+  if (k < 1) return absl::InvalidArgumentError(absl::StrCat("TopKAscending: k must be >= 1, got ", k));
+  if (B == 0) return absl::OkStatus();
+  TopKKernel<<<static_cast<unsigned>(B), kTopKThreads, 0, stream>>>(scores, n, stride, k, selected, count);
+  RETORT_CUDA_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
+}  // namespace retort::cuda

@@ -1,0 +1,108 @@
+#include "model/kernels/cuda/norm_rope.cuh"
+
+#include <cuda_runtime.h>
+
+#include "absl/strings/str_cat.h"
+#include "model/kernels/cuda/cuda_runtime.cuh"
+#include "model/kernels/cuda/device_utils.cuh"
+
+namespace retort::cuda {
+namespace {
+
+using internal::BlockSum;
+
+__global__ void EmbedKernel(const float* __restrict__ embed, const int64_t* __restrict__ tokens, int64_t d, int hc,
+                            float* __restrict__ X) {
+  const int64_t r = blockIdx.x;
+  const float* e = embed + tokens[r] * d;
+  float* x = X + r * hc * d;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    const float v = e[i];
+    for (int j = 0; j < hc; ++j) x[j * d + i] = v;
+  }
+}
+
+// One block per row.
+__global__ void RmsNormKernel(const float* x, int64_t D, const float* __restrict__ weight, float eps, float* y) {
+  __shared__ float scratch[32];
+  const float* xt = x + static_cast<int64_t>(blockIdx.x) * D;
+  float* yt = y + static_cast<int64_t>(blockIdx.x) * D;
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) ss += xt[i] * xt[i];
+  ss = BlockSum(ss, scratch);
+  const float r = 1.0f / sqrtf(ss / static_cast<float>(D) + eps);
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    const float v = xt[i] * r;
+    yt[i] = weight ? weight[i] * v : v;
+  }
+}
+
+// grid: (rows), threads over heads * rope_dim/2 pairs.
+__global__ void RopeKernel(float* x, int64_t heads, int64_t dim, int64_t rope_dim, const int64_t* __restrict__ positions,
+                           const float* __restrict__ inv_freq, float sign) {
+  const int64_t r = blockIdx.x, half = rope_dim / 2;
+  const float pos = static_cast<float>(positions[r]);
+  for (int64_t k = threadIdx.x; k < heads * half; k += blockDim.x) {
+    const int64_t h = k / half, i = k % half;
+    const float angle = inv_freq[i] * pos;  // fp32, as the reference
+    const float c = cosf(angle), s = sign * sinf(angle);
+    float* v = x + (r * heads + h) * dim + (dim - rope_dim);
+    const float a = v[2 * i], b = v[2 * i + 1];
+    v[2 * i] = a * c - b * s;
+    v[2 * i + 1] = b * c + a * s;
+  }
+}
+
+__global__ void SwiGluKernel(const float* g, const float* u, int64_t n, float limit, float* h) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float gi = g[i], ui = u[i];
+    if (limit > 0.0f) {
+      gi = fminf(gi, limit);
+      ui = fminf(fmaxf(ui, -limit), limit);
+    }
+    h[i] = gi / (1.0f + expf(-gi)) * ui;
+  }
+}
+
+}  // namespace
+
+absl::Status EmbedToStreams(const float* embed, const int64_t* tokens, int64_t rows, int64_t d, int hc, float* X,
+                            cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  EmbedKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(embed, tokens, d, hc, X);
+  RETORT_CUDA_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
+absl::Status RmsNorm(const float* x, int64_t T, int64_t D, const float* weight, float eps, float* y,
+                     cudaStream_t stream) {
+  if (T == 0) return absl::OkStatus();
+  if (T > 0x7fffffff) return absl::InvalidArgumentError(absl::StrCat("RmsNorm: too many rows ", T));
+  const int threads = D >= 1024 ? 256 : (D >= 256 ? 128 : 32);
+  RmsNormKernel<<<static_cast<unsigned>(T), threads, 0, stream>>>(x, D, weight, eps, y);
+  RETORT_CUDA_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
+absl::Status RopeAtPositions(float* x, int64_t rows, int64_t heads, int64_t dim, int64_t rope_dim,
+                             const int64_t* positions, const float* inv_freq, float sign, cudaStream_t stream) {
+  if (rope_dim % 2 != 0 || rope_dim > dim)
+    return absl::InvalidArgumentError(absl::StrCat("RoPE: rope_dim ", rope_dim, " must be even and <= dim ", dim));
+  if (rows == 0 || rope_dim == 0) return absl::OkStatus();
+  const int64_t work = heads * rope_dim / 2;
+  const int threads = work >= 256 ? 256 : 32 * static_cast<int>((work + 31) / 32);
+  RopeKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, heads, dim, rope_dim, positions, inv_freq, sign);
+  RETORT_CUDA_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
+absl::Status SwiGlu(const float* g, const float* u, int64_t n, float limit, float* h, cudaStream_t stream) {
+  if (n == 0) return absl::OkStatus();
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);
+  SwiGluKernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(g, u, n, limit, h);
+  RETORT_CUDA_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
+}  // namespace retort::cuda
