@@ -429,7 +429,17 @@ bool Engine::StepOnce() {
       if (s->finished) continue;
       const int64_t avail = static_cast<int64_t>(s->tokens.size()) - s->pos;
       if (avail <= 0) continue;
-      (avail == 1 && s->sample >= 0 ? decodes : prefills).push_back({g.get(), s.get(), avail});
+      // Past the prompt a sample feeds one token per step, logged (resumed)
+      // tokens too: a replay then builds bit-for-bit the state the first run
+      // built, so the continuation equals the uninterrupted one (a chunked
+      // prefill of the logged tokens sums in another order and can flip a
+      // later sample at a near-tie).
+      const int64_t P = static_cast<int64_t>(g->req.prompt.size());
+      if (s->sample >= 0 && s->pos >= P) {
+        decodes.push_back({g.get(), s.get(), 1});
+      } else {
+        prefills.push_back({g.get(), s.get(), std::min(avail, P - s->pos)});
+      }
     }
   }
   int64_t budget = options_.max_step_tokens;

@@ -18,9 +18,12 @@
 // one-sequence path that the batched engine is tested against.
 //
 // Resume: a request may carry tokens recovered from the write-ahead log per
-// sample. The engine re-prefills prompt + those tokens, replays the sampler
-// over their logits (so the RNG is where it was), keeps the logged tokens,
-// log-probs and weight versions, and continues sampling after them.
+// sample. The engine re-prefills the prompt, feeds those tokens back one per
+// step as the first run did (so the decode state is bit-for-bit the one the
+// first run built), replays the sampler over their logits (so the RNG is where
+// it was), keeps the logged tokens, log-probs and weight versions, and
+// continues sampling after them: with unchanged weights the continuation is
+// the uninterrupted run's.
 //
 // Weight updates: SwapModel() installs a new model between two steps; tokens
 // record the version they were sampled under. Decode states built under the
@@ -189,8 +192,7 @@ class Engine {
   int64_t decode_cursor_ = 0;  // round-robin start when decodes exceed the token budget
 };
 
-// The simple path: one sequence, prefill the prompt (plus `forced` tokens),
-// then one token per Step. Sample `sample` of `request` as the engine would
+// The simple path: one sequence, prefill the prompt, then one token per Step. Sample `sample` of `request` as the engine would
 // produce it with an unchanging model of weight version `version`.
 [[nodiscard]] absl::StatusOr<retort::v1::Completion> ReferenceGenerate(const v4::Model& model,
                                                                        const GenerationRequest& request,
