@@ -1,0 +1,182 @@
+// bench/mxfp4_gemm: y = x W^T with W an MXFP4-packed V4 expert matrix, at
+// decode (M = 1..64 tokens per expert) and prefill (M = 512..8192) shapes.
+//
+// Each row of the table gives the kernel time, the bytes it must move (packed
+// codes + E8M0 scales + x + y) as achieved GB/s and as a fraction of the HBM
+// bandwidth measured in the same run by a device-to-device copy (the roofline
+// that matters at decode), its TFLOP/s, and cuBLAS bf16 on the dequantized
+// weights (what a framework without an FP4 kernel runs) with the speed ratio.
+// The two outputs are compared (max |diff| / max |y|) so a fast wrong kernel
+// cannot hide.
+//
+// Shapes: V4-Flash experts, hidden 4096, moe_intermediate 2048: the gate/up
+// projection (out 2048, in 4096) and the down projection (out 4096, in 2048).
+//
+// usage: mxfp4_gemm_bench [--quick]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "model/kernels/cuda/cuda_runtime.cuh"
+#include "model/kernels/cuda/dense_gemm.cuh"
+#include "model/kernels/cuda/mxfp4.cuh"
+#include "model/tensor/dtype.h"
+
+namespace retort {
+namespace {
+
+#define BENCH_CHECK(expr)                                                           \
+  do {                                                                              \
+    if (absl::Status s_ = (expr); !s_.ok()) {                                       \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
+      std::exit(1);                                                                 \
+    }                                                                               \
+  } while (0)
+
+template <typename T>
+T Value(absl::StatusOr<T> v) {
+  if (!v.ok()) {
+    std::fprintf(stderr, "%s\n", v.status().ToString().c_str());
+    std::exit(1);
+  }
+  return *std::move(v);
+}
+
+// Median time in ms of `reps` launches of `fn` on `stream` (after 3 warm-ups).
+template <typename Fn>
+double TimeMs(cudaStream_t stream, int reps, Fn fn) {
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  for (int i = 0; i < 3; ++i) fn();
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    cudaEventRecord(a, stream);
+    fn();
+    cudaEventRecord(b, stream);
+    cudaEventSynchronize(b);
+    float t = 0;
+    cudaEventElapsedTime(&t, a, b);
+    ms.push_back(t);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+// HBM bandwidth from a 1 GiB device-to-device copy (reads + writes), GB/s.
+double MeasureBandwidth(cudaStream_t stream) {
+  const size_t bytes = size_t{1} << 30;
+  cuda::DeviceBuffer src = Value(cuda::DeviceBuffer::Allocate(bytes));
+  cuda::DeviceBuffer dst = Value(cuda::DeviceBuffer::Allocate(bytes));
+  cudaMemsetAsync(src.get(), 1, bytes, stream);
+  const double ms = TimeMs(stream, 10, [&] { cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, stream); });
+  return 2.0 * bytes / (ms * 1e-3) / 1e9;
+}
+
+struct Weights {
+  int64_t out, in;
+  std::vector<uint8_t> codes, scales;
+  std::vector<uint16_t> dequant_bf16;  // what cuBLAS multiplies
+};
+
+Weights RandomWeights(int64_t out, int64_t in, std::mt19937& rng) {
+  Weights w{out, in, std::vector<uint8_t>(out * in / 2), std::vector<uint8_t>(out * in / 32), {}};
+  std::uniform_int_distribution<int> byte(0, 255), scale(120, 130);  // 2^-7 .. 2^3
+  for (auto& c : w.codes) c = static_cast<uint8_t>(byte(rng));
+  for (auto& s : w.scales) s = static_cast<uint8_t>(scale(rng));
+  w.dequant_bf16.resize(out * in);
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t i = 0; i < in; ++i) {
+      const uint8_t pair = w.codes[(o * in + i) / 2];
+      const uint8_t code = (i % 2 == 0) ? (pair & 0xf) : (pair >> 4);
+      const float v = E2M1ToF32(code) * E8M0ToF32(w.scales[(o * in + i) / 32]);
+      w.dequant_bf16[o * in + i] = F32ToBf16(v);  // exact: e2m1 x 2^k fits bf16
+    }
+  return w;
+}
+
+void Run(bool quick) {
+  cuda::Stream stream = Value(cuda::Stream::Create());
+  cuda::Blas blas = Value(cuda::Blas::Create());
+  std::printf("device: %s\n", Value(cuda::DeviceDescription(0)).c_str());
+  const double bw = MeasureBandwidth(stream.get());
+  std::printf("HBM bandwidth (device copy): %.0f GB/s\n\n", bw);
+
+  std::mt19937 rng(7);
+  struct Shape {
+    const char* name;
+    int64_t out, in;
+  };
+  const Shape shapes[] = {{"w1/w3 gate,up", 2048, 4096}, {"w2 down", 4096, 2048}};
+  std::vector<int64_t> ms = {1, 2, 4, 8, 16, 32, 64, 512, 1024, 2048, 4096, 8192};
+  if (quick) ms = {1, 8, 64, 512};
+
+  std::printf("%-14s %6s | %9s %8s %6s %8s | %9s %8s | %7s | %9s\n", "matrix", "M", "mxfp4 us", "GB/s", "%HBM",
+              "TFLOP/s", "bf16 us", "TFLOP/s", "speedup", "rel diff");
+  for (const Shape& sh : shapes) {
+    Weights w = RandomWeights(sh.out, sh.in, rng);
+    cuda::DeviceBuffer codes = Value(cuda::Upload(w.codes));
+    cuda::DeviceBuffer scales = Value(cuda::Upload(w.scales));
+    cuda::DeviceBuffer wbf = Value(cuda::Upload(w.dequant_bf16));
+    for (int64_t M : ms) {
+      std::vector<float> x(M * sh.in);
+      std::normal_distribution<float> n01;
+      for (auto& v : x) v = n01(rng);
+      std::vector<uint16_t> xbf(x.size());
+      for (size_t i = 0; i < x.size(); ++i) {
+        xbf[i] = F32ToBf16(x[i]);
+        x[i] = Bf16ToF32(xbf[i]);  // both kernels see the same inputs
+      }
+      cuda::DeviceBuffer dx = Value(cuda::Upload(x));
+      cuda::DeviceBuffer dxbf = Value(cuda::Upload(xbf));
+      cuda::DeviceBuffer y = Value(cuda::DeviceBuffer::Allocate(M * sh.out * sizeof(float)));
+      cuda::DeviceBuffer yref = Value(cuda::DeviceBuffer::Allocate(M * sh.out * sizeof(float)));
+      const int reps = M >= 2048 ? 5 : 50;
+      const double t4 = TimeMs(stream.get(), reps, [&] {
+        BENCH_CHECK(cuda::MxFp4MatMul(dx.as<float>(), M, sh.in, codes.as<uint8_t>(), scales.as<uint8_t>(), sh.out,
+                                      y.as<float>(), stream.get()));
+      });
+      const double tb = TimeMs(stream.get(), reps, [&] {
+        BENCH_CHECK(cuda::MatMulBf16(blas, dxbf.as<uint16_t>(), M, sh.in, wbf.as<uint16_t>(), sh.out,
+                                     yref.as<float>(), stream.get()));
+      });
+      BENCH_CHECK(stream.Synchronize());
+      std::vector<float> a = Value(cuda::Download<float>(y.get(), M * sh.out));
+      std::vector<float> b = Value(cuda::Download<float>(yref.get(), M * sh.out));
+      double maxdiff = 0, maxabs = 0;
+      for (size_t i = 0; i < a.size(); ++i) {
+        maxdiff = std::max(maxdiff, static_cast<double>(std::fabs(a[i] - b[i])));
+        maxabs = std::max(maxabs, static_cast<double>(std::fabs(b[i])));
+      }
+      const double bytes = sh.out * sh.in / 2.0 + sh.out * sh.in / 32.0 + 4.0 * M * (sh.in + sh.out);
+      const double flops = 2.0 * M * sh.in * sh.out;
+      const double gbs = bytes / (t4 * 1e-3) / 1e9;
+      std::printf("%-14s %6lld | %9.1f %8.0f %5.0f%% %8.2f | %9.1f %8.2f | %6.2fx | %9.1e\n", sh.name,
+                  static_cast<long long>(M), t4 * 1e3, gbs, 100.0 * gbs / bw, flops / (t4 * 1e-3) / 1e12, tb * 1e3,
+                  flops / (tb * 1e-3) / 1e12, tb / t4, maxdiff / std::max(maxabs, 1e-30));
+    }
+  }
+  std::printf("\nbytes = packed codes + E8M0 scales + f32 x and y; %%HBM = achieved GB/s over the copy bandwidth.\n");
+  std::printf("bf16 = cuBLAS on weights dequantized to bf16 (2 B/weight, 3.8x the packed bytes), f32 output.\n");
+}
+
+}  // namespace
+}  // namespace retort
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  if (retort::cuda::DeviceCount() == 0) {
+    std::printf("mxfp4_gemm_bench: no CUDA device; nothing to measure\n");
+    return 0;
+  }
+  retort::Run(quick);
+  return 0;
+}
