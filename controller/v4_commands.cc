@@ -20,7 +20,9 @@
 #include "model/tokenizer/chat_template.h"
 #include "model/tokenizer/tokenizer.h"
 #include "model/v4/model.h"
+#include "rollout/engine/engine.h"
 #include "rollout/engine/sampler.h"
+#include "rollout/service/rollout_client.h"
 
 ABSL_FLAG(std::string, input, "", "forward: safetensors file with input_ids [B,T] (int64)");
 ABSL_FLAG(std::string, output, "", "forward: safetensors file to write logits (and decode_logits) to");
@@ -38,6 +40,10 @@ ABSL_FLAG(std::string, prompt, "",
           "(--tokenizer, default --model); the completion is printed as text");
 ABSL_FLAG(std::string, reasoning, "none", "generate --prompt: reasoning mode none|high|max");
 ABSL_FLAG(bool, ignore_eos, false, "generate: keep sampling after the end-of-sequence token");
+ABSL_FLAG(std::string, worker, "",
+          "generate: host:port[,host:port...] of rollout workers to generate on instead of loading the model "
+          "(same flags; --prompt is rendered here with --tokenizer or --model DIR's tokenizer)");
+ABSL_FLAG(double, worker_deadline_s, 600, "generate --worker: deadline of the whole call, retries included");
 ABSL_FLAG(int64_t, context, 4096, "inspect: context length for the KV-state size");
 
 namespace retort::controller {
@@ -175,8 +181,72 @@ absl::StatusOr<std::vector<int64_t>> ParseIds(const std::string& text) {
   return ids;
 }
 
+// Reports a generated completion like the offline path: ids (or streamed text)
+// on stdout, rate and log-prob on stderr, and the completion parse when a
+// tokenizer rendered the prompt.
+void PrintCompletionSummary(const tokenizer::Tokenizer* tok, tokenizer::ReasoningMode mode,
+                            const std::vector<int64_t>& out) {
+  if (!tok) return;
+  std::vector<tokenizer::TokenId> ids(out.begin(), out.end());
+  tokenizer::ParsedCompletion parsed = tokenizer::ParseCompletion(tok->Decode(ids), mode);
+  std::fprintf(stderr, "completion: %s%s%s (reasoning %zu chars, answer %zu chars)\n",
+               tokenizer::CompletionStatusName(parsed.status), parsed.error.empty() ? "" : ": ",
+               parsed.error.c_str(), parsed.reasoning.size(), parsed.content.size());
+}
+
+// `generate --worker`: the same request sent to rollout workers (failover in
+// the order given); the worker's sampler, seed and log-probs.
+absl::Status GenerateOnWorkers(const std::vector<int64_t>& prompt, const rollout::SamplingParams& sp,
+                               int32_t max_new, const tokenizer::Tokenizer* tok, tokenizer::ReasoningMode mode) {
+  if (max_new < 1) return absl::InvalidArgumentError("generate --worker: --max-new-tokens must be >= 1");
+  rollout::RolloutClientOptions o;
+  o.workers = absl::StrSplit(absl::GetFlag(FLAGS_worker), ',', absl::SkipEmpty());
+  o.deadline = absl::Seconds(absl::GetFlag(FLAGS_worker_deadline_s));
+  rollout::RolloutClient client(o);
+  retort::v1::GenerateBatch batch;
+  retort::v1::GenerateRequest* r = batch.add_requests();
+  r->set_request_id(absl::StrCat("generate-", getpid(), "-", absl::ToUnixNanos(absl::Now())));
+  for (int64_t t : prompt) r->mutable_prompt_ids()->add_ids(t);
+  retort::v1::SamplingParams* p = r->mutable_sampling();
+  p->set_temperature(sp.temperature);
+  p->set_top_p(sp.top_p);
+  p->set_top_k(sp.top_k);
+  p->set_seed(sp.seed);
+  p->set_max_new_tokens(max_new);
+  p->set_n(1);
+  p->set_ignore_eos(absl::GetFlag(FLAGS_ignore_eos));
+  const auto t0 = Clock::now();
+  ASSIGN_OR_RETURN(std::vector<retort::v1::Completion> done, client.GenerateAll(batch));
+  const double seconds = Seconds(t0, Clock::now());
+  if (done.size() != 1) return absl::InternalError(absl::StrCat("worker returned ", done.size(), " completions for 1"));
+  const retort::v1::Completion& c = done.front();
+  std::vector<int64_t> out(c.token_ids().begin(), c.token_ids().end());
+  double sum_logprob = 0.0;
+  for (float lp : c.logprobs()) sum_logprob += lp;
+  if (tok) {
+    std::vector<tokenizer::TokenId> ids(out.begin(), out.end());
+    std::printf("%s\n", tok->Decode(ids).c_str());
+  } else {
+    std::string line;
+    for (size_t i = 0; i < out.size(); ++i) absl::StrAppend(&line, i ? " " : "", out[i]);
+    std::printf("%s\n", line.c_str());
+  }
+  std::fprintf(stderr, "worker: prompt %zu tokens, generated %zu tokens in %.3fs (%.1f tok/s, end to end), finish %s, "
+               "weight version %lld, sum log-prob %.3f\n",
+               prompt.size(), out.size(), seconds, out.size() / std::max(seconds, 1e-9),
+               rollout::FinishReasonName(c.finish_reason()),
+               static_cast<long long>(c.weight_versions_size() ? c.weight_versions(c.weight_versions_size() - 1) : 0),
+               sum_logprob);
+  PrintCompletionSummary(tok, mode, out);
+  return absl::OkStatus();
+}
+
 absl::Status Generate() {
-  ASSIGN_OR_RETURN(auto model, LoadModelFromFlags());
+  const bool remote = !absl::GetFlag(FLAGS_worker).empty();
+  std::unique_ptr<v4::Model> model;
+  if (!remote) {
+    ASSIGN_OR_RETURN(model, LoadModelFromFlags());
+  }
   const std::string prompt_text = absl::GetFlag(FLAGS_prompt);
   if (prompt_text.empty() == absl::GetFlag(FLAGS_tokens).empty())
     return absl::InvalidArgumentError("give exactly one of --tokens \"1 2 3\" or --prompt \"text\"");
@@ -186,6 +256,7 @@ absl::Status Generate() {
   if (!prompt_text.empty()) {
     std::string dir = absl::GetFlag(FLAGS_tokenizer);
     if (dir.empty()) dir = absl::GetFlag(FLAGS_model);
+    if (dir.empty()) return absl::InvalidArgumentError("--prompt needs --tokenizer DIR or --model DIR to render the chat template");
     ASSIGN_OR_RETURN(tok, tokenizer::Tokenizer::LoadDir(dir));
     ASSIGN_OR_RETURN(mode, tokenizer::ParseReasoningMode(absl::GetFlag(FLAGS_reasoning)));
     tokenizer::Message user;
@@ -206,6 +277,7 @@ absl::Status Generate() {
   RETURN_IF_ERROR(rollout::ValidateSamplingParams(sp));
   const int32_t max_new = absl::GetFlag(FLAGS_max_new_tokens);
   if (max_new < 0) return absl::InvalidArgumentError("--max-new-tokens must be >= 0");
+  if (remote) return GenerateOnWorkers(prompt, sp, max_new, tok.get(), mode);
   rollout::Sampler sampler(sp);
   auto state = model->NewState();
   const int64_t V = model->config().vocab_size;
@@ -243,13 +315,7 @@ absl::Status Generate() {
   const double decode_s = Seconds(t1, Clock::now());
   std::fprintf(stderr, "prompt %zu tokens (prefill %.3fs), generated %zu tokens in %.3fs (%.1f tok/s), sum log-prob %.3f\n",
                prompt.size(), prefill_s, out.size(), decode_s, out.size() / std::max(decode_s, 1e-9), sum_logprob);
-  if (tok) {
-    std::vector<tokenizer::TokenId> ids(out.begin(), out.end());
-    tokenizer::ParsedCompletion parsed = tokenizer::ParseCompletion(tok->Decode(ids), mode);
-    std::fprintf(stderr, "completion: %s%s%s (reasoning %zu chars, answer %zu chars)\n",
-                 tokenizer::CompletionStatusName(parsed.status), parsed.error.empty() ? "" : ": ",
-                 parsed.error.c_str(), parsed.reasoning.size(), parsed.content.size());
-  }
+  PrintCompletionSummary(tok.get(), mode, out);
   return absl::OkStatus();
 }
 
