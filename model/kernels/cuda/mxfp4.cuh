@@ -1,13 +1,16 @@
 // MXFP4 matrix products on packed weights (V4 routed experts): y = x W^T with
 // W given as codes [out, in/2] (two e2m1 per byte, low nibble first) and E8M0
-// scales [out, in/32]. Each 32-value block is decoded in registers (one
-// 16-byte load of codes and one scale byte per lane) and consumed by up to 8
-// rows of x; products accumulate in fp32. Dequantized weights never exist in
-// global memory. Matches cpu::MxFp4MatMul up to summation order.
+// scales [out, in/32]. Lane l of a warp owns one 32-value block of a k-chunk
+// (one coalesced 16-byte load of codes and one scale byte), decodes it in
+// registers and multiplies it with x staged in shared memory (see Note
+// [MXFP4 GEMV layout] in mxfp4.cu); each decoded value feeds 2 output rows x
+// up to 8 rows of x, and products accumulate in fp32. Dequantized weights
+// never exist in global memory. Matches cpu::MxFp4MatMul up to summation
+// order; deterministic for a fixed shape.
 //
-// This is the decode (GEMV / small-M) path: every warp streams whole weight
-// rows, so it reads W once per 8 rows of x. Prefill-sized M wants a tensor-core
-// kernel (not here yet).
+// This is the decode (GEMV / small-M) path on CUDA cores: it reads W once per
+// 8 rows of x. Prefill-sized M wants a tensor-core kernel (not here yet):
+// bench/mxfp4_gemm measures both against cuBLAS bf16.
 #ifndef RETORT_MODEL_KERNELS_CUDA_MXFP4_CUH_
 #define RETORT_MODEL_KERNELS_CUDA_MXFP4_CUH_
 
