@@ -706,8 +706,11 @@ struct LayerSaved {
   MoeSaved moe;
 };
 
-// One sequence: forward with saved activations, loss terms scaled by `scale`, backward.
-absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int64_t T, float scale) {
+// One sequence: forward with saved activations, then backward of
+// sum_t weights[t] * -log p(targets[t] | tokens[..t]) over positions whose
+// target is >= 0. Writes log p(target) (0 where masked) to `logprobs`.
+absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int64_t T, const int64_t* targets,
+                                            const float* weights, float* logprobs) {
   const auto& c = cx.c;
   const Weights& W = cx.m.weights();
   const int hc = c.hc_mult;
@@ -764,15 +767,21 @@ absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int6
   Fwd(W.head, yn.data(), T, logits.data());
   double loss = 0.0;
   Vec dlogits(T * V, 0.0f);
-  for (int64_t t = 0; t + 1 < T; ++t) {
+  for (int64_t t = 0; t < T; ++t) {
+    logprobs[t] = 0.0f;
+    if (targets[t] < 0) continue;
     const float* lt = logits.data() + t * V;
     const float mx = *std::max_element(lt, lt + V);
     double z_sum = 0.0;
     for (int64_t v = 0; v < V; ++v) z_sum += std::exp(static_cast<double>(lt[v] - mx));
     const double lse = mx + std::log(z_sum);
-    loss += lse - lt[tokens[t + 1]];
-    for (int64_t v = 0; v < V; ++v) dlogits[t * V + v] = static_cast<float>(std::exp(lt[v] - lse)) * scale;
-    dlogits[t * V + tokens[t + 1]] -= scale;
+    const double nll = lse - lt[targets[t]];
+    logprobs[t] = static_cast<float>(-nll);
+    const float w = weights[t];
+    loss += static_cast<double>(w) * nll;
+    if (w == 0.0f) continue;
+    for (int64_t v = 0; v < V; ++v) dlogits[t * V + v] = static_cast<float>(std::exp(lt[v] - lse)) * w;
+    dlogits[t * V + targets[t]] -= w;
   }
   // ---- backward ----
   Vec dyn(T * d, 0.0f), dy(T * d, 0.0f);
@@ -840,12 +849,34 @@ absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int6
 
 }  // namespace
 
-absl::StatusOr<float> NextTokenLossAndGradients(const Model& model, absl::Span<const int64_t> tokens, int64_t B,
-                                                int64_t T, Gradients* grads) {
+absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, const TokenBatch& batch,
+                                                           Gradients* grads) {
   const auto& c = model.config();
-  if (B <= 0 || T < 2 || static_cast<int64_t>(tokens.size()) != B * T)
-    return absl::InvalidArgumentError(absl::StrCat("need tokens [B, T] with B >= 1, T >= 2; got ", tokens.size(),
-                                                   " tokens for B=", B, " T=", T));
+  const int64_t B = batch.B, T = batch.T, n = B * T;
+  if (B <= 0 || T <= 0)
+    return absl::InvalidArgumentError(absl::StrCat("token batch: need B >= 1 and T >= 1, got B=", B, " T=", T));
+  if (static_cast<int64_t>(batch.tokens.size()) != n)
+    return absl::InvalidArgumentError(absl::StrCat("token batch: tokens has ", batch.tokens.size(),
+                                                   " entries, expected B*T = ", n));
+  if (static_cast<int64_t>(batch.targets.size()) != n)
+    return absl::InvalidArgumentError(absl::StrCat("token batch: targets has ", batch.targets.size(),
+                                                   " entries, expected B*T = ", n));
+  if (static_cast<int64_t>(batch.weights.size()) != n)
+    return absl::InvalidArgumentError(absl::StrCat("token batch: weights has ", batch.weights.size(),
+                                                   " entries, expected B*T = ", n));
+  for (int64_t i = 0; i < n; ++i) {
+    if (batch.tokens[i] < 0 || batch.tokens[i] >= c.vocab_size)
+      return absl::InvalidArgumentError(absl::StrCat("token batch: tokens[", i / T, ", ", i % T, "] = ",
+                                                     batch.tokens[i], " is outside the vocabulary 0..",
+                                                     c.vocab_size - 1));
+    if (batch.targets[i] < -1 || batch.targets[i] >= c.vocab_size)
+      return absl::InvalidArgumentError(absl::StrCat("token batch: targets[", i / T, ", ", i % T, "] = ",
+                                                     batch.targets[i], " is neither -1 (masked) nor in 0..",
+                                                     c.vocab_size - 1));
+    if (!std::isfinite(batch.weights[i]))
+      return absl::InvalidArgumentError(absl::StrCat("token batch: weights[", i / T, ", ", i % T,
+                                                     "] is not finite"));
+  }
   for (const auto& l : model.weights().layers)
     for (const auto& e : l.moe.experts)
       if (e.w1.mxfp4 || e.w2.mxfp4 || e.w3.mxfp4)
@@ -857,13 +888,33 @@ absl::StatusOr<float> NextTokenLossAndGradients(const Model& model, absl::Span<c
       return absl::InvalidArgumentError("training path supports compress ratios up to 256");
   std::map<std::string, Vec> local;
   Ctx cx{model, c, grads ? grads->by_name : local};
-  const float scale = 1.0f / static_cast<float>(B * (T - 1));
-  double total = 0.0;
+  WeightedLoss out;
+  out.logprobs.assign(n, 0.0f);
   for (int64_t b = 0; b < B; ++b) {
-    ASSIGN_OR_RETURN(double l, SequenceLossAndGrads(cx, tokens.data() + b * T, T, scale));
-    total += l;
+    ASSIGN_OR_RETURN(double l, SequenceLossAndGrads(cx, batch.tokens.data() + b * T, T, batch.targets.data() + b * T,
+                                                    batch.weights.data() + b * T, out.logprobs.data() + b * T));
+    out.loss += l;
   }
-  return static_cast<float>(total * scale);
+  return out;
+}
+
+absl::StatusOr<float> NextTokenLossAndGradients(const Model& model, absl::Span<const int64_t> tokens, int64_t B,
+                                                int64_t T, Gradients* grads) {
+  if (B <= 0 || T < 2 || static_cast<int64_t>(tokens.size()) != B * T)
+    return absl::InvalidArgumentError(absl::StrCat("need tokens [B, T] with B >= 1, T >= 2; got ", tokens.size(),
+                                                   " tokens for B=", B, " T=", T));
+  // Position t predicts token t+1 with weight 1/(B(T-1)); the last position has no target.
+  const float scale = 1.0f / static_cast<float>(B * (T - 1));
+  std::vector<int64_t> targets(B * T, -1);
+  std::vector<float> weights(B * T, 0.0f);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t + 1 < T; ++t) {
+      targets[b * T + t] = tokens[b * T + t + 1];
+      weights[b * T + t] = scale;
+    }
+  TokenBatch batch{tokens, targets, weights, B, T};
+  ASSIGN_OR_RETURN(WeightedLoss r, WeightedTokenLossAndGradients(model, batch, grads));
+  return static_cast<float>(r.loss);
 }
 
 }  // namespace retort::v4

@@ -17,10 +17,12 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "model/tensor/tensor.h"
 #include "model/v4/model.h"
 
 namespace retort::v4 {
@@ -30,6 +32,34 @@ struct Gradients {
   std::map<std::string, std::vector<float>> by_name;
 };
 
+// A batch for per-token weighted training, all [B, T] row-major: position t of
+// sequence b reads tokens[..t] and is scored on targets[b,t] (-1: masked, no
+// loss term) with weight weights[b,t]. SFT masks prompt positions and puts
+// 1/(completion tokens) on the rest; GRPO's weighted log-prob puts
+// -advantage/normaliser on each sampled token (a negative weight is allowed).
+struct TokenBatch {
+  absl::Span<const int64_t> tokens;
+  absl::Span<const int64_t> targets;
+  absl::Span<const float> weights;
+  int64_t B = 0;
+  int64_t T = 0;
+};
+
+struct WeightedLoss {
+  // sum over unmasked positions of weight * -log p(target); the caller's
+  // weights carry any normalisation.
+  double loss = 0.0;
+  // [B, T]: log p(target) at each unmasked position, 0 where masked.
+  std::vector<float> logprobs;
+};
+
+// Forward + backward of WeightedLoss::loss. Fills `grads` (when non-null) with
+// d(loss)/d(param), accumulating into entries already present. Bad batches
+// (sizes != B*T, ids outside the vocabulary, targets < -1, non-finite weights)
+// are InvalidArgument naming the field and position.
+[[nodiscard]] absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, const TokenBatch& batch,
+                                                                         Gradients* grads);
+
 // Mean next-token cross-entropy over a batch of B sequences of T tokens
 // (`tokens` is [B, T] row-major): position t predicts token t+1, averaged over
 // B*(T-1) predictions. Fills `grads` (when non-null) with d(loss)/d(param).
@@ -37,6 +67,30 @@ struct Gradients {
 // masters): such models are rejected with Unimplemented.
 [[nodiscard]] absl::StatusOr<float> NextTokenLossAndGradients(const Model& model, absl::Span<const int64_t> tokens,
                                                               int64_t B, int64_t T, Gradients* grads);
+
+// One model tensor under its transformers name (the names gradients use and
+// the loader reads), as a fresh contiguous copy the caller owns. `trainable`
+// is false for buffers (tid2eid, the router's e_score_correction_bias) and for
+// the lightning indexer, which the top-k passes no gradient.
+struct NamedTensor {
+  std::string name;
+  Tensor value;
+  bool trainable = true;
+};
+
+// Every tensor of `model` (experts fused as [E, 2I, d] gate_up_proj and
+// [E, d, I] down_proj, as transformers stores them). A TensorMap of the result
+// loads back with Model::FromTensors, sharing these tensors' storage (f32 is
+// zero-copy), so writing them in place updates that model. MXFP4-packed
+// experts are Unimplemented (no fp32 masters to export).
+[[nodiscard]] absl::StatusOr<std::vector<NamedTensor>> HfTensors(const Model& model);
+
+// What `retort grad` writes: "loss" (f32 scalar, NextTokenLossAndGradients on
+// `input_ids`, i64 [B, T] with T >= 2) and "grad.<name>" (f32, the
+// parameter's shape) for every trainable tensor HfTensors names — the
+// indexer and buffers get none, as in the transformers reference.
+[[nodiscard]] absl::StatusOr<std::vector<std::pair<std::string, Tensor>>> LossAndGradientTensors(
+    const Model& model, const Tensor& input_ids);
 
 }  // namespace retort::v4
 
