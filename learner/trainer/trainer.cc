@@ -1,0 +1,206 @@
+// Trainer: parameters, update step and atomic checkpoints (see trainer.h).
+#include "learner/trainer/trainer.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "model/base/status_macros.h"
+#include "model/io/v4_config.h"
+
+namespace retort::trainer {
+namespace {
+
+constexpr char kStateFile[] = "trainer_state.safetensors";
+
+absl::Status ErrnoError(const std::string& what, const std::string& path) {
+  return absl::InternalError(absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
+}
+
+absl::StatusOr<std::string> ReadText(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+absl::Status FsyncPath(const std::string& path, bool directory) {
+  const int fd = open(path.c_str(), directory ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
+  if (fd < 0) return ErrnoError("open", path);
+  const int rc = fsync(fd);
+  close(fd);
+  if (rc != 0) return ErrnoError("fsync", path);
+  return absl::OkStatus();
+}
+
+absl::Status WriteTextDurably(const std::string& path, const std::string& text) {
+  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) return ErrnoError("create", path);
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = write(fd, text.data() + done, text.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      close(fd);
+      return ErrnoError("write", path);
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (fsync(fd) != 0) {
+    close(fd);
+    return ErrnoError("fsync", path);
+  }
+  if (close(fd) != 0) return ErrnoError("close", path);
+  return absl::OkStatus();
+}
+
+Tensor Scalar(int64_t v) { return Tensor::FromI64({v}, {1}); }
+
+absl::StatusOr<int64_t> ReadScalar(const io::SafetensorsFile& f, const std::string& name) {
+  ASSIGN_OR_RETURN(Tensor t, f.Get(name));
+  if (t.dtype() != DType::kI64 || t.numel() != 1)
+    return absl::InvalidArgumentError(absl::StrCat(f.path(), ": '", name, "' must be i64 [1], got ", t.DebugString()));
+  return t.data<int64_t>()[0];
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Build(const std::string& dir, TrainerOptions options) {
+  std::unique_ptr<Trainer> t(new Trainer());
+  ASSIGN_OR_RETURN(t->config_json_, ReadText(dir + "/config.json"));
+  ASSIGN_OR_RETURN(io::V4Config config, io::ParseV4Config(t->config_json_, dir + "/config.json"));
+  {
+    ASSIGN_OR_RETURN(std::unique_ptr<v4::Model> loaded, v4::Model::Load(dir));
+    ASSIGN_OR_RETURN(t->tensors_, v4::HfTensors(*loaded));
+  }
+  // The model views tensors_: the optimizer's in-place updates are the model's.
+  io::TensorMap map(dir + " (trainer parameters)");
+  for (const auto& nt : t->tensors_) map.Add(nt.name, nt.value);
+  ASSIGN_OR_RETURN(t->model_, v4::Model::FromTensors(config, map));
+  std::vector<optim::Parameter> params;
+  for (const auto& nt : t->tensors_) {
+    if (!nt.trainable) continue;
+    Tensor g = Tensor::Zeros(DType::kF32, nt.value.shape());
+    t->grads_[nt.name] = g;
+    params.push_back({nt.name, nt.value, g});
+  }
+  ASSIGN_OR_RETURN(t->optimizer_, optim::Optimizer::Create(options.optimizer, std::move(params)));
+  t->rng_state_ = options.seed;
+  return t;
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::FromModelDir(const std::string& dir, TrainerOptions options) {
+  return Build(dir, std::move(options));
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::FromCheckpoint(const std::string& dir, TrainerOptions options) {
+  const std::string state_path = dir + "/" + kStateFile;
+  if (!std::filesystem::exists(state_path))
+    return absl::NotFoundError(absl::StrCat(state_path, ": no trainer state (not a checkpoint SaveCheckpoint wrote)"));
+  ASSIGN_OR_RETURN(std::shared_ptr<io::SafetensorsFile> state, io::SafetensorsFile::Open(state_path));
+  auto built = Build(dir, std::move(options));
+  if (!built.ok()) return Annotate(built.status(), absl::StrCat("loading checkpoint ", dir));
+  std::unique_ptr<Trainer> t = std::move(built).value();
+  std::map<std::string, Tensor> optim_state;
+  for (const auto& [name, entry] : state->entries()) {
+    if (name.rfind("trainer.", 0) == 0) continue;
+    ASSIGN_OR_RETURN(Tensor v, state->Get(name));
+    optim_state[name] = v.Clone();
+  }
+  if (absl::Status s = t->optimizer_->LoadState(optim_state); !s.ok()) return Annotate(s, state_path);
+  ASSIGN_OR_RETURN(int64_t step, ReadScalar(*state, "trainer.step"));
+  if (step != t->optimizer_->step())
+    return absl::DataLossError(absl::StrCat(state_path, ": trainer.step ", step, " disagrees with optim.step ",
+                                            t->optimizer_->step()));
+  ASSIGN_OR_RETURN(int64_t rng, ReadScalar(*state, "trainer.rng"));
+  t->rng_state_ = static_cast<uint64_t>(rng);
+  ASSIGN_OR_RETURN(t->data_position_, ReadScalar(*state, "trainer.data_position"));
+  return t;
+}
+
+uint64_t Trainer::NextRandom() {
+  // splitmix64: one word of state, so the checkpoint stores it exactly.
+  uint64_t z = (rng_state_ += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+absl::StatusOr<v4::WeightedLoss> Trainer::Evaluate(const v4::TokenBatch& batch) const {
+  return v4::WeightedTokenLossAndGradients(*model_, batch, nullptr);
+}
+
+absl::StatusOr<StepResult> Trainer::Step(const v4::TokenBatch& batch) {
+  v4::Gradients g;
+  ASSIGN_OR_RETURN(v4::WeightedLoss wl, v4::WeightedTokenLossAndGradients(*model_, batch, &g));
+  if (!std::isfinite(wl.loss))
+    return absl::FailedPreconditionError(absl::StrCat("step ", step(), ": loss is ", wl.loss));
+  // A tied head has no tensor of its own: its gradient is the embedding's.
+  if (auto it = g.by_name.find("lm_head.weight"); it != g.by_name.end() && !grads_.count("lm_head.weight")) {
+    auto& emb = g.by_name["model.embed_tokens.weight"];
+    if (emb.empty()) emb.assign(it->second.size(), 0.0f);
+    for (size_t i = 0; i < emb.size(); ++i) emb[i] += it->second[i];
+    g.by_name.erase(it);
+  }
+  for (auto& [name, tensor] : grads_) {
+    float* dst = tensor.mutable_data<float>();
+    auto it = g.by_name.find(name);
+    if (it == g.by_name.end()) {
+      std::memset(dst, 0, tensor.nbytes());
+      continue;
+    }
+    CHECK_EQ(static_cast<int64_t>(it->second.size()), tensor.numel()) << name;
+    std::memcpy(dst, it->second.data(), tensor.nbytes());
+  }
+  ASSIGN_OR_RETURN(optim::StepStats stats, optimizer_->Step());
+  StepResult r;
+  r.step = stats.step;
+  r.loss = wl.loss;
+  r.lr = stats.lr;
+  r.grad_norm = stats.grad_norm;
+  r.clip_scale = stats.clip_scale;
+  for (int64_t v : batch.targets) r.tokens += v >= 0;
+  return r;
+}
+
+absl::Status Trainer::SaveCheckpoint(const std::string& dir) const {
+  namespace fs = std::filesystem;
+  std::string d = dir;
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  const fs::path final_path(d);
+  const fs::path parent = final_path.has_parent_path() ? final_path.parent_path() : fs::path(".");
+  const std::string tmp = absl::StrCat(d, ".tmp-", getpid());
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  if (!fs::create_directories(tmp, ec) || ec)
+    return absl::InternalError(absl::StrCat("creating ", tmp, ": ", ec.message()));
+  RETURN_IF_ERROR(WriteTextDurably(tmp + "/config.json", config_json_));
+  std::vector<std::pair<std::string, Tensor>> model_tensors;
+  for (const auto& nt : tensors_) model_tensors.emplace_back(nt.name, nt.value);
+  RETURN_IF_ERROR(io::WriteSafetensors(tmp + "/model.safetensors", model_tensors, {{"format", "pt"}}));
+  std::vector<std::pair<std::string, Tensor>> state;
+  for (auto& [name, t] : optimizer_->SaveState()) state.emplace_back(name, t);
+  state.emplace_back("trainer.step", Scalar(optimizer_->step()));
+  state.emplace_back("trainer.rng", Scalar(static_cast<int64_t>(rng_state_)));
+  state.emplace_back("trainer.data_position", Scalar(data_position_));
+  RETURN_IF_ERROR(io::WriteSafetensors(tmp + "/" + kStateFile, state, {{"producer", "retort trainer"}}));
+  RETURN_IF_ERROR(FsyncPath(tmp, true));
+  const std::string old = absl::StrCat(d, ".old-", getpid());
+  const bool had_old = fs::exists(final_path);
+  if (had_old && rename(d.c_str(), old.c_str()) != 0) return ErrnoError("rename", d);
+  if (rename(tmp.c_str(), d.c_str()) != 0) return ErrnoError("rename", tmp);
+  RETURN_IF_ERROR(FsyncPath(parent.string(), true));
+  if (had_old) fs::remove_all(old, ec);  // the new checkpoint is durable already
+  return absl::OkStatus();
+}
+
+}  // namespace retort::trainer

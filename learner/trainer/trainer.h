@@ -1,0 +1,97 @@
+// The training loop's core: a Trainer owns a V4 model's fp32 parameters
+// (under their transformers names), runs the weighted-token forward/backward,
+// and applies one clipped, scheduled Muon/AdamW update per batch by parameter
+// group. Checkpoints hold everything a run needs to continue bit-for-bit:
+//
+//   <dir>/config.json              the model config, as the run was started
+//   <dir>/model.safetensors        the model in the HF layout Model::Load reads
+//   <dir>/trainer_state.safetensors optimizer state (Optimizer::SaveState),
+//                                  "trainer.step", "trainer.rng",
+//                                  "trainer.data_position" (i64 [1] each)
+//
+// A checkpoint is written into <dir>.tmp-<pid>, every file and the directory
+// fsynced, then renamed to <dir>; a previous <dir> is first renamed to
+// <dir>.old-<pid> and removed once the new one is in place and its parent
+// directory fsynced. A crash leaves a whole old or a whole new checkpoint
+// (between the two renames the old one sits at <dir>.old-<pid>), never a mix.
+//
+// Thread-safety: not thread-safe; one learner thread owns a Trainer.
+#ifndef RETORT_LEARNER_TRAINER_TRAINER_H_
+#define RETORT_LEARNER_TRAINER_TRAINER_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "learner/optim/optim.h"
+#include "model/io/safetensors.h"
+#include "model/v4/model.h"
+#include "model/v4/train.h"
+
+namespace retort::trainer {
+
+struct TrainerOptions {
+  optim::OptimizerConfig optimizer;  // groups, Muon/AdamW, schedule, clipping
+  uint64_t seed = 0;                 // initial state of the trainer's RNG. Default: 0
+};
+
+struct StepResult {
+  int64_t step = 0;       // index of the update just applied (0-based)
+  double loss = 0;        // WeightedLoss::loss of the batch, before the update
+  double lr = 0;
+  double grad_norm = 0;   // global L2 norm before clipping
+  double clip_scale = 1;
+  int64_t tokens = 0;     // unmasked target positions in the batch
+};
+
+class Trainer {
+ public:
+  // Starts from a model directory (config.json + safetensors, any layout the
+  // loader reads; MXFP4-packed experts are Unimplemented: no fp32 masters).
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Trainer>> FromModelDir(const std::string& dir,
+                                                                             TrainerOptions options);
+  // Resumes from a checkpoint SaveCheckpoint wrote. A missing, truncated or
+  // corrupt file is NotFound / DataLoss / InvalidArgument naming the file;
+  // optimizer state that does not fit the model's parameters is an error.
+  // `options` must describe the same run (groups and hyper-parameters are
+  // not stored); the step, RNG and data position come from the checkpoint.
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Trainer>> FromCheckpoint(const std::string& dir,
+                                                                               TrainerOptions options);
+
+  // One update on `batch` (see v4::TokenBatch; the weights carry the loss
+  // normalisation). A non-finite loss or gradient norm is FailedPrecondition
+  // and leaves the parameters unchanged.
+  [[nodiscard]] absl::StatusOr<StepResult> Step(const v4::TokenBatch& batch);
+  // Loss of `batch` under the current parameters, no update.
+  [[nodiscard]] absl::StatusOr<v4::WeightedLoss> Evaluate(const v4::TokenBatch& batch) const;
+
+  [[nodiscard]] absl::Status SaveCheckpoint(const std::string& dir) const;
+
+  const v4::Model& model() const { return *model_; }
+  int64_t step() const { return optimizer_->step(); }
+  // The run's RNG (splitmix64; data shuffling and sampling draw from it) and
+  // the data reader's position; both are checkpointed.
+  uint64_t NextRandom();
+  int64_t data_position() const { return data_position_; }
+  void set_data_position(int64_t p) { data_position_ = p; }
+
+ private:
+  Trainer() = default;
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Trainer>> Build(const std::string& dir, TrainerOptions options);
+
+  std::string config_json_;                // config.json text of the source directory
+  std::vector<v4::NamedTensor> tensors_;   // every model tensor; the model views them
+  std::map<std::string, Tensor> grads_;    // trainable name -> gradient
+  std::unique_ptr<v4::Model> model_;
+  std::unique_ptr<optim::Optimizer> optimizer_;
+  uint64_t rng_state_ = 0;
+  int64_t data_position_ = 0;
+};
+
+}  // namespace retort::trainer
+
+#endif  // RETORT_LEARNER_TRAINER_TRAINER_H_
