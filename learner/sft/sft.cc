@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "learner/trainer/event_writer.h"
 #include "model/base/status_macros.h"
 #include "model/tokenizer/chat_template.h"
 #include "nlohmann/json.hpp"
@@ -114,7 +115,7 @@ absl::StatusOr<SftOptions> ParseSftConfig(const std::string& text, const std::st
   if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
   if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(source, ": must be a JSON object"));
   RETURN_IF_ERROR(UnknownKeys(j, {"model", "data", "output_dir", "batch_size", "seq_len", "steps", "checkpoint_every",
-                                  "resume", "seed", "optimizer"},
+                                  "resume", "seed", "tensorboard", "optimizer"},
                               source));
   SftOptions o;
   RETURN_IF_ERROR(Read(j, "model", source, &o.model_dir, true));
@@ -126,6 +127,7 @@ absl::StatusOr<SftOptions> ParseSftConfig(const std::string& text, const std::st
   RETURN_IF_ERROR(Read(j, "checkpoint_every", source, &o.checkpoint_every));
   RETURN_IF_ERROR(Read(j, "resume", source, &o.resume));
   RETURN_IF_ERROR(Read(j, "seed", source, &o.trainer.seed));
+  RETURN_IF_ERROR(Read(j, "tensorboard", source, &o.tensorboard));
   for (const auto& [name, v] : {std::pair<const char*, int64_t>{"batch_size", o.batch_size}, {"seq_len", o.seq_len},
                                 {"steps", o.steps}})
     if (v <= 0) return absl::InvalidArgumentError(absl::StrCat(source, ": '", name, "' must be positive, got ", v));
@@ -301,6 +303,10 @@ absl::StatusOr<SftStepReport> RunSft(const SftOptions& o, const std::function<vo
   const std::string metrics_path = o.output_dir + "/metrics.jsonl";
   std::ofstream metrics(metrics_path, o.resume ? std::ios::app : std::ios::trunc);
   if (!metrics) return absl::InternalError(absl::StrCat(metrics_path, ": cannot open for writing"));
+  std::unique_ptr<trainer::EventWriter> events;
+  if (o.tensorboard) {
+    ASSIGN_OR_RETURN(events, trainer::EventWriter::Create(o.output_dir + "/tensorboard"));
+  }
   const bool tty = isatty(fileno(stderr));
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t first = t->step();
@@ -325,6 +331,11 @@ absl::StatusOr<SftStepReport> RunSft(const SftOptions& o, const std::function<vo
                  {"tokens_per_s", report.tokens_per_s}, {"elapsed_s", report.elapsed_s}};
     metrics << line.dump() << "\n";
     metrics.flush();
+    if (events)
+      RETURN_IF_ERROR(events->WriteScalars(done, {{"train/loss", static_cast<float>(r->loss)},
+                                                  {"train/lr", static_cast<float>(r->lr)},
+                                                  {"train/grad_norm", static_cast<float>(r->grad_norm)},
+                                                  {"train/tokens_per_s", static_cast<float>(report.tokens_per_s)}}));
     std::fprintf(stderr, "%ssft step %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s  ETA %.0fs%s", tty ? "\r" : "",
                  static_cast<long long>(done), static_cast<long long>(o.steps), r->loss, r->lr, report.tokens_per_s,
                  eta, tty && done != o.steps ? "   " : "\n");

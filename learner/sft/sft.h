@@ -11,7 +11,10 @@
 //                assistant turn is the completion
 //   output_dir   checkpoints (<output_dir>/checkpoint) and metrics.jsonl
 //   batch_size, seq_len, steps, checkpoint_every (0: only at the end), seed,
-//   resume (continue from <output_dir>/checkpoint), optimizer {...}.
+//   resume (continue from <output_dir>/checkpoint), tensorboard (event files
+//   under <output_dir>/tensorboard), optimizer {schedule, lr, final_lr,
+//   warmup_steps, max_grad_norm, weight_decay, muon_momentum, adam_beta1,
+//   adam_beta2}; parameter groups are the V4 defaults (optim::DefaultV4Rules).
 //
 // Packing: examples (prompt + completion ids) are placed whole, in file order,
 // greedily into rows of seq_len tokens, padded with token 0. An example longer
@@ -48,6 +51,7 @@ struct SftOptions {
   int64_t steps = 100;           // updates to run in total (a resumed run counts earlier ones). Default: 100
   int64_t checkpoint_every = 0;  // steps between checkpoints; 0: only at the end. Default: 0
   bool resume = false;           // continue from <output_dir>/checkpoint. Default: false
+  bool tensorboard = true;       // scalars to <output_dir>/tensorboard/events.out.tfevents.*. Default: true
   trainer::TrainerOptions trainer;
 };
 
@@ -92,7 +96,8 @@ struct SftStepReport {
 };
 
 // Runs the loop: each step's metrics line goes to <output_dir>/metrics.jsonl
-// (appended on resume), a progress line to stderr, and `on_step` (when set)
+// (appended on resume) and, with `tensorboard`, to a new event file; a
+// progress line to stderr; and `on_step` (when set)
 // sees every report. Returns the last step's report.
 [[nodiscard]] absl::StatusOr<SftStepReport> RunSft(const SftOptions& options,
                                                    const std::function<void(const SftStepReport&)>& on_step = {});

@@ -6,9 +6,11 @@
 
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "gtest/gtest.h"
 #include "learner/sft/sft.h"
+#include "learner/trainer/event_writer.h"
 #include "model/v4/model.h"
 #include "nlohmann/json.hpp"
 
@@ -54,6 +56,18 @@ TEST(SftTest, OverfitsTinyModelFromTheExampleConfig) {
     EXPECT_EQ(m[i]["step"].get<int64_t>(), static_cast<int64_t>(i + 1));
     EXPECT_EQ(m[i]["scored_tokens"].get<int64_t>(), 48);  // 8 examples x 6 completion tokens
     EXPECT_GT(m[i]["tokens_per_s"].get<double>(), 0.0);
+  }
+  // TensorBoard: one event file with the file_version event and a loss per step.
+  std::vector<fs::path> event_files;
+  for (const auto& e : fs::directory_iterator(o->output_dir + "/tensorboard")) event_files.push_back(e.path());
+  ASSERT_EQ(event_files.size(), 1u);
+  {
+    std::ifstream in(event_files[0], std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    auto records = trainer::ReadTfRecords(ss.str(), event_files[0].string());
+    ASSERT_TRUE(records.ok()) << records.status();
+    EXPECT_EQ(records->size(), 61u);
   }
   // The final checkpoint is a model directory whose greedy continuation of a
   // training prompt is its completion.
