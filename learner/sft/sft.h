@@ -84,7 +84,7 @@ struct SftBatch {
   std::vector<int64_t> tokens, targets;
   std::vector<float> weights;
   int64_t B = 0, T = 0;
-  v4::TokenBatch view() const { return {tokens, targets, weights, B, T}; }
+  v4::TokenBatch view() const { return {tokens, targets, weights, B, T, {}}; }
 };
 SftBatch MakeBatch(const PackedRows& rows, int64_t batch_size, int64_t position, uint64_t seed);
 

@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -15,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "model/base/status_macros.h"
 #include "model/io/v4_config.h"
+#include "model/tensor/dtype.h"
 
 namespace retort::trainer {
 namespace {
@@ -86,15 +88,29 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Build(const std::string& dir, 
   io::TensorMap map(dir + " (trainer parameters)");
   for (const auto& nt : t->tensors_) map.Add(nt.name, nt.value);
   ASSIGN_OR_RETURN(t->model_, v4::Model::FromTensors(config, map));
+  if (options.bias_update_speed < 0 || !std::isfinite(options.bias_update_speed))
+    return absl::InvalidArgumentError(absl::StrCat("bias_update_speed must be finite and >= 0, got ",
+                                                   options.bias_update_speed));
+  t->router_bias_.resize(config.num_layers);
   std::vector<optim::Parameter> params;
   for (const auto& nt : t->tensors_) {
+    for (int l = 0; l < config.num_layers; ++l)
+      if (nt.name == absl::StrCat("model.layers.", l, ".mlp.gate.e_score_correction_bias")) t->router_bias_[l] = nt.value;
     if (!nt.trainable) continue;
     Tensor g = Tensor::Zeros(DType::kF32, nt.value.shape());
     t->grads_[nt.name] = g;
-    params.push_back({nt.name, nt.value, g});
+    Tensor value = nt.value;
+    const bool expert = nt.name.find(".mlp.experts.") != std::string::npos;
+    if (options.qat_experts && expert) {
+      value = nt.value.Clone();
+      t->masters_[nt.name] = value;
+    }
+    params.push_back({nt.name, value, g});
   }
   ASSIGN_OR_RETURN(t->optimizer_, optim::Optimizer::Create(options.optimizer, std::move(params)));
   t->rng_state_ = options.seed;
+  t->options_ = std::move(options);
+  t->RefreshQuantizedExperts();
   return t;
 }
 
@@ -125,6 +141,49 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::FromCheckpoint(const std::stri
   t->rng_state_ = static_cast<uint64_t>(rng);
   ASSIGN_OR_RETURN(t->data_position_, ReadScalar(*state, "trainer.data_position"));
   return t;
+}
+
+void QuantizeMxFp4Rows(float* w, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < cols; b += 32) {
+      float* x = w + r * cols + b;
+      const int64_t n = std::min<int64_t>(32, cols - b);
+      float amax = 0.0f;
+      for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+      if (amax == 0.0f) continue;
+      // 2^ceil(log2(amax/6)) exactly: frexp gives amax/6 = m * 2^e, m in [0.5, 1).
+      int e = 0;
+      const float m = std::frexp(amax / 6.0f, &e);
+      const float scale = std::ldexp(1.0f, m == 0.5f ? e - 1 : e);
+      for (int64_t i = 0; i < n; ++i) x[i] = scale * E2M1ToF32(F32ToE2M1(x[i] / scale));
+    }
+}
+
+void Trainer::RefreshQuantizedExperts() {
+  for (auto& nt : tensors_) {
+    auto it = masters_.find(nt.name);
+    if (it == masters_.end()) continue;
+    std::memcpy(nt.value.mutable_data<float>(), it->second.data<float>(), nt.value.nbytes());
+    const int64_t cols = nt.value.dim(-1);
+    QuantizeMxFp4Rows(nt.value.mutable_data<float>(), nt.value.numel() / cols, cols);
+  }
+}
+
+void Trainer::UpdateRouterBias(const std::vector<std::vector<int64_t>>& load) {
+  const float speed = options_.bias_update_speed;
+  if (speed == 0.0f) return;
+  for (size_t l = 0; l < router_bias_.size(); ++l) {
+    if (!router_bias_[l].defined()) continue;
+    const auto& counts = load[l];
+    double mean = 0;
+    for (int64_t c : counts) mean += static_cast<double>(c);
+    mean /= static_cast<double>(counts.size());
+    float* bias = router_bias_[l].mutable_data<float>();
+    for (size_t e = 0; e < counts.size(); ++e) {
+      const double gap = mean - static_cast<double>(counts[e]);
+      bias[e] += gap > 0 ? speed : gap < 0 ? -speed : 0.0f;
+    }
+  }
 }
 
 uint64_t Trainer::NextRandom() {
@@ -162,6 +221,8 @@ absl::StatusOr<StepResult> Trainer::Step(const v4::TokenBatch& batch) {
     std::memcpy(dst, it->second.data(), tensor.nbytes());
   }
   ASSIGN_OR_RETURN(optim::StepStats stats, optimizer_->Step());
+  RefreshQuantizedExperts();
+  UpdateRouterBias(wl.expert_load);
   StepResult r;
   r.step = stats.step;
   r.loss = wl.loss;
@@ -185,7 +246,10 @@ absl::Status Trainer::SaveCheckpoint(const std::string& dir) const {
     return absl::InternalError(absl::StrCat("creating ", tmp, ": ", ec.message()));
   RETURN_IF_ERROR(WriteTextDurably(tmp + "/config.json", config_json_));
   std::vector<std::pair<std::string, Tensor>> model_tensors;
-  for (const auto& nt : tensors_) model_tensors.emplace_back(nt.name, nt.value);
+  for (const auto& nt : tensors_) {
+    auto it = masters_.find(nt.name);  // QAT: the fp32 masters, not their round trip
+    model_tensors.emplace_back(nt.name, it == masters_.end() ? nt.value : it->second);
+  }
   RETURN_IF_ERROR(io::WriteSafetensors(tmp + "/model.safetensors", model_tensors, {{"format", "pt"}}));
   std::vector<std::pair<std::string, Tensor>> state;
   for (auto& [name, t] : optimizer_->SaveState()) state.emplace_back(name, t);

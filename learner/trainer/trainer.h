@@ -37,7 +37,24 @@ namespace retort::trainer {
 struct TrainerOptions {
   optim::OptimizerConfig optimizer;  // groups, Muon/AdamW, schedule, clipping
   uint64_t seed = 0;                 // initial state of the trainer's RNG. Default: 0
+  // Auxiliary-loss-free balancing (DeepSeek-V3's sign rule; V4_SPEC.md §4):
+  // after each update every learned-routing layer's e_score_correction_bias
+  // moves by speed * sign(mean load - load_e), load counted over the batch's
+  // tokens. 0 disables. Default: 0.001 (the spec's speed)
+  float bias_update_speed = 0.001f;
+  // Quantization-aware training of the routed experts: forward and backward
+  // see every expert matrix rounded to MXFP4 (see QuantizeMxFp4Rows), the
+  // gradient passes straight through to the fp32 masters the optimizer
+  // updates, and checkpoints hold the masters. Default: false
+  bool qat_experts = false;
 };
+
+// MXFP4 round trip of a row-major [rows, cols] matrix in place: each run of 32
+// values along a row (the last run of a row may be shorter) gets the E8M0
+// scale 2^ceil(log2(amax / 6)) (6 = the largest e2m1 value, so nothing
+// saturates; an all-zero block stays zero) and each value becomes
+// scale * e2m1(x / scale), rounded to nearest, ties to even.
+void QuantizeMxFp4Rows(float* w, int64_t rows, int64_t cols);
 
 struct StepResult {
   int64_t step = 0;       // index of the update just applied (0-based)
@@ -86,6 +103,13 @@ class Trainer {
   std::string config_json_;                // config.json text of the source directory
   std::vector<v4::NamedTensor> tensors_;   // every model tensor; the model views them
   std::map<std::string, Tensor> grads_;    // trainable name -> gradient
+  std::vector<Tensor> router_bias_;        // per layer: e_score_correction_bias (undefined: hash layer)
+  // QAT: expert tensor name -> fp32 master (the optimizer's parameter); the
+  // model's own tensor holds the master's MXFP4 round trip.
+  std::map<std::string, Tensor> masters_;
+  TrainerOptions options_;
+  void RefreshQuantizedExperts();
+  void UpdateRouterBias(const std::vector<std::vector<int64_t>>& load);
   std::unique_ptr<v4::Model> model_;
   std::unique_ptr<optim::Optimizer> optimizer_;
   uint64_t rng_state_ = 0;

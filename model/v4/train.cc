@@ -606,7 +606,11 @@ void ExpertBack(Ctx& cx, const Expert& ex, const float* x, const ExpertSaved& s,
   Back(ex.w3.weight.data<float>(), I, d, x, du.data(), 1, dx, dw3);
 }
 
-void MoeFwd(const Ctx& cx, int l, const Vec& x, const int64_t* tokens, int64_t T, MoeSaved& s, Vec& out) {
+// `replay` (when non-null) is [T, K] expert ids recorded at sampling time: used
+// instead of the top-k selection (routing replay); the weights still come
+// from the current scores of those experts.
+void MoeFwd(const Ctx& cx, int l, const Vec& x, const int64_t* tokens, int64_t T, const int32_t* replay, MoeSaved& s,
+            Vec& out) {
   const Moe& moe = cx.m.weights().layers[l].moe;
   const auto& c = cx.c;
   const int64_t d = c.hidden_size, E = c.n_routed_experts;
@@ -622,7 +626,9 @@ void MoeFwd(const Ctx& cx, int l, const Vec& x, const int64_t* tokens, int64_t T
   std::vector<int64_t> order(E);
   for (int64_t t = 0; t < T; ++t) {
     const float* sc = s.scores.data() + t * E;
-    if (moe.hash_routed) {
+    if (replay != nullptr) {
+      for (int k = 0; k < K; ++k) s.idx[t * K + k] = replay[t * K + k];
+    } else if (moe.hash_routed) {
       for (int k = 0; k < K; ++k) s.idx[t * K + k] = moe.tid2eid.data<int64_t>()[tokens[t] * K + k];
     } else {
       const float* bias = moe.bias.data<float>();
@@ -709,8 +715,11 @@ struct LayerSaved {
 // One sequence: forward with saved activations, then backward of
 // sum_t weights[t] * -log p(targets[t] | tokens[..t]) over positions whose
 // target is >= 0. Writes log p(target) (0 where masked) to `logprobs`.
+// `replay`: [L, B, T, K] recorded routes or null; `b` and `B` locate this
+// sequence in it. Adds this sequence's routed assignments to `load` [L][E].
 absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int64_t T, const int64_t* targets,
-                                            const float* weights, float* logprobs) {
+                                            const float* weights, float* logprobs, const int32_t* replay, int64_t b,
+                                            int64_t B, std::vector<std::vector<int64_t>>& load) {
   const auto& c = cx.c;
   const Weights& W = cx.m.weights();
   const int hc = c.hc_mult;
@@ -744,7 +753,9 @@ absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int6
     s.xn_ffn.resize(T * d);
     s.r_ffn.resize(T);
     NormFwd(s.u_ffn.data(), T, d, L.ffn_norm.data<float>(), eps, s.xn_ffn.data(), s.r_ffn.data());
-    MoeFwd(cx, l, s.xn_ffn, tokens, T, s.moe, s.f_ffn);
+    const int K = c.experts_per_token;
+    MoeFwd(cx, l, s.xn_ffn, tokens, T, replay ? replay + ((l * B + b) * T) * K : nullptr, s.moe, s.f_ffn);
+    for (int64_t e : s.moe.idx) ++load[l][e];
     HcMix(cx, s.X1, s.f_ffn, s.hc_ffn, T, X);
   }
   // hc_head, final norm, head, loss.
@@ -886,13 +897,36 @@ absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, c
   for (const auto& l : model.weights().layers)
     if (l.attn.kind != AttentionKind::kSliding && 2 * l.attn.compressor.ratio > 512)
       return absl::InvalidArgumentError("training path supports compress ratios up to 256");
+  const int K = c.experts_per_token;
+  const int64_t E = c.n_routed_experts;
+  if (!batch.replay_routes.empty()) {
+    const int64_t want = static_cast<int64_t>(c.num_layers) * n * K;
+    if (static_cast<int64_t>(batch.replay_routes.size()) != want)
+      return absl::InvalidArgumentError(absl::StrCat("token batch: replay_routes has ", batch.replay_routes.size(),
+                                                     " entries, expected layers*B*T*experts_per_token = ", want));
+    for (int64_t i = 0; i < want; i += K)
+      for (int k = 0; k < K; ++k) {
+        const int32_t e = batch.replay_routes[i + k];
+        const int64_t row = i / K, layer = row / n, pos = row % n;
+        if (e < 0 || e >= E)
+          return absl::InvalidArgumentError(absl::StrCat("token batch: replay_routes[layer ", layer, ", ", pos / T,
+                                                         ", ", pos % T, "] names expert ", e, ", outside 0..", E - 1));
+        for (int j = 0; j < k; ++j)
+          if (batch.replay_routes[i + j] == e)
+            return absl::InvalidArgumentError(absl::StrCat("token batch: replay_routes[layer ", layer, ", ", pos / T,
+                                                           ", ", pos % T, "] repeats expert ", e));
+      }
+  }
   std::map<std::string, Vec> local;
   Ctx cx{model, c, grads ? grads->by_name : local};
   WeightedLoss out;
   out.logprobs.assign(n, 0.0f);
+  out.expert_load.assign(c.num_layers, std::vector<int64_t>(E, 0));
+  const int32_t* replay = batch.replay_routes.empty() ? nullptr : batch.replay_routes.data();
   for (int64_t b = 0; b < B; ++b) {
     ASSIGN_OR_RETURN(double l, SequenceLossAndGrads(cx, batch.tokens.data() + b * T, T, batch.targets.data() + b * T,
-                                                    batch.weights.data() + b * T, out.logprobs.data() + b * T));
+                                                    batch.weights.data() + b * T, out.logprobs.data() + b * T,
+                                                    replay, b, B, out.expert_load));
     out.loss += l;
   }
   return out;
@@ -912,7 +946,7 @@ absl::StatusOr<float> NextTokenLossAndGradients(const Model& model, absl::Span<c
       targets[b * T + t] = tokens[b * T + t + 1];
       weights[b * T + t] = scale;
     }
-  TokenBatch batch{tokens, targets, weights, B, T};
+  TokenBatch batch{tokens, targets, weights, B, T, {}};
   ASSIGN_OR_RETURN(WeightedLoss r, WeightedTokenLossAndGradients(model, batch, grads));
   return static_cast<float>(r.loss);
 }

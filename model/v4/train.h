@@ -43,6 +43,11 @@ struct TokenBatch {
   absl::Span<const float> weights;
   int64_t B = 0;
   int64_t T = 0;
+  // Routing replay: [num_layers, B, T, experts_per_token] expert ids recorded
+  // when the tokens were sampled (StepOutputs::routes, sequence by sequence),
+  // used in place of every layer's own selection; the mixing weights are still
+  // the current router's scores of those experts. Empty: route normally.
+  absl::Span<const int32_t> replay_routes;
 };
 
 struct WeightedLoss {
@@ -51,11 +56,15 @@ struct WeightedLoss {
   double loss = 0.0;
   // [B, T]: log p(target) at each unmasked position, 0 where masked.
   std::vector<float> logprobs;
+  // expert_load[l][e]: tokens layer l routed to expert e in this batch (all
+  // positions, masked ones too); the input of the aux-loss-free bias update.
+  std::vector<std::vector<int64_t>> expert_load;
 };
 
 // Forward + backward of WeightedLoss::loss. Fills `grads` (when non-null) with
 // d(loss)/d(param), accumulating into entries already present. Bad batches
-// (sizes != B*T, ids outside the vocabulary, targets < -1, non-finite weights)
+// (sizes != B*T, ids outside the vocabulary, targets < -1, non-finite weights,
+// replayed routes of the wrong size, outside 0..E-1 or repeating an expert)
 // are InvalidArgument naming the field and position.
 [[nodiscard]] absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, const TokenBatch& batch,
                                                                          Gradients* grads);

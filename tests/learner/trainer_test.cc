@@ -31,7 +31,7 @@ struct Batch {
   std::vector<int64_t> tokens, targets;
   std::vector<float> weights;
   int64_t B = 2, T = 12;
-  v4::TokenBatch view() const { return {tokens, targets, weights, B, T}; }
+  v4::TokenBatch view() const { return {tokens, targets, weights, B, T, {}}; }
 };
 
 // Next-token batch drawn from the trainer's RNG; the first 3 positions of each
@@ -187,6 +187,116 @@ TEST(TrainerTest, DamagedCheckpointsFailNamingTheFile) {
     EXPECT_NE(r.status().message().find("adam_m"), std::string::npos) << r.status();
     fs::remove_all(d);
   }
+  fs::remove_all(dir);
+}
+
+TEST(TrainerTest, RouterBiasMovesBySpeedTowardsTheMeanLoad) {
+  TrainerOptions o = Options();
+  o.bias_update_speed = 0.01f;
+  auto t = Trainer::FromModelDir(kFixtureB, o);
+  ASSERT_TRUE(t.ok()) << t.status();
+  const auto& cfg = (*t)->model().config();
+  const Batch b = NextBatch(**t, cfg.vocab_size);
+  auto before = (*t)->Evaluate(b.view());  // the step's forward routes the same way
+  ASSERT_TRUE(before.ok());
+  std::vector<std::vector<float>> bias0;
+  for (const auto& layer : (*t)->model().weights().layers)
+    bias0.push_back(layer.moe.hash_routed ? std::vector<float>{}
+                                          : std::vector<float>(layer.moe.bias.data<float>(),
+                                                               layer.moe.bias.data<float>() + cfg.n_routed_experts));
+  ASSERT_TRUE((*t)->Step(b.view()).ok());
+  int moved = 0;
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    const auto& moe = (*t)->model().weights().layers[l].moe;
+    if (moe.hash_routed) continue;
+    const auto& load = before->expert_load[l];
+    double mean = 0;
+    for (int64_t c : load) mean += c;
+    mean /= load.size();
+    for (int e = 0; e < cfg.n_routed_experts; ++e) {
+      const float want = bias0[l][e] + (load[e] < mean ? 0.01f : load[e] > mean ? -0.01f : 0.0f);
+      EXPECT_EQ(moe.bias.data<float>()[e], want) << "layer " << l << " expert " << e << " load " << load[e];
+      moved += moe.bias.data<float>()[e] != bias0[l][e];
+    }
+  }
+  EXPECT_GT(moved, 0);
+  // Off: biases stay.
+  o.bias_update_speed = 0;
+  auto still = Trainer::FromModelDir(kFixtureB, o);
+  ASSERT_TRUE(still.ok());
+  ASSERT_TRUE((*still)->Step(b.view()).ok());
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    if (bias0[l].empty()) continue;
+    for (int e = 0; e < cfg.n_routed_experts; ++e)
+      EXPECT_EQ((*still)->model().weights().layers[l].moe.bias.data<float>()[e], bias0[l][e]);
+  }
+  o.bias_update_speed = -1;
+  EXPECT_EQ(Trainer::FromModelDir(kFixtureB, o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(TrainerTest, QuantizeMxFp4RoundsPerBlockOf32) {
+  // amax 7 -> scale 2^ceil(log2(7/6)) = 2; x/2 = .13 .37 .6 1.3 2.55 3.5 -> 0 .5 .5 1.5 3 4 (3.5: tie, even code).
+  std::vector<float> w(40, 0.0f);
+  const float in[] = {0.26f, 0.74f, 1.2f, 2.6f, 5.1f, 7.0f, -7.0f, -0.9f};
+  std::copy(in, in + 8, w.begin());
+  // Columns 32..39 form their own (short) block: amax 0.3 -> scale 2^ceil(log2(0.05)) = 1/16.
+  w[32] = 0.3f;
+  w[33] = 0.1f;
+  w[34] = -0.02f;
+  QuantizeMxFp4Rows(w.data(), 1, 40);
+  const float want[] = {0.0f, 1.0f, 1.0f, 3.0f, 6.0f, 8.0f, -8.0f, -1.0f};
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(w[i], want[i]) << i;
+  for (int i = 8; i < 32; ++i) EXPECT_EQ(w[i], 0.0f);
+  EXPECT_EQ(w[32], 0.25f);     // 0.3*16 = 4.8 -> 4
+  EXPECT_EQ(w[33], 0.09375f);  // 1.6 -> 1.5
+  EXPECT_EQ(w[34], -0.03125f);  // -0.32 -> -0.5 (nearer than 0)
+  std::vector<float> again = w;
+  QuantizeMxFp4Rows(again.data(), 1, 40);
+  EXPECT_EQ(again, w);  // the grid is a fixed point
+}
+
+TEST(TrainerTest, QatTrainsMastersThroughTheMxFp4Forward) {
+  TrainerOptions o = Options();
+  o.qat_experts = true;
+  auto t = Trainer::FromModelDir(kFixtureB, o);
+  ASSERT_TRUE(t.ok()) << t.status();
+  const auto& cfg = (*t)->model().config();
+  auto expert_weights = [&](const v4::Model& m) {
+    const auto& w = m.weights().layers[2].moe.experts[1].w1.weight;
+    return std::vector<float>(w.data<float>(), w.data<float>() + w.numel());
+  };
+  auto on_grid = [](std::vector<float> w, int64_t cols) {
+    std::vector<float> q = w;
+    QuantizeMxFp4Rows(q.data(), static_cast<int64_t>(q.size()) / cols, cols);
+    return q == w;
+  };
+  EXPECT_TRUE(on_grid(expert_weights((*t)->model()), cfg.hidden_size));
+  double first = 0, last = 0;
+  const Batch b = NextBatch(**t, cfg.vocab_size);
+  for (int i = 0; i < 5; ++i) {
+    auto r = (*t)->Step(b.view());
+    ASSERT_TRUE(r.ok()) << r.status();
+    (i == 0 ? first : last) = r->loss;
+  }
+  EXPECT_LT(last, first);
+  const std::vector<float> forward_w = expert_weights((*t)->model());
+  EXPECT_TRUE(on_grid(forward_w, cfg.hidden_size));
+  // The checkpoint holds the fp32 masters, whose round trip is what the model computes with.
+  const std::string dir = TempDir("qat");
+  ASSERT_TRUE((*t)->SaveCheckpoint(dir).ok());
+  auto masters = v4::Model::Load(dir);
+  ASSERT_TRUE(masters.ok()) << masters.status();
+  std::vector<float> m = expert_weights(**masters);
+  EXPECT_FALSE(on_grid(m, cfg.hidden_size));
+  QuantizeMxFp4Rows(m.data(), static_cast<int64_t>(m.size()) / cfg.hidden_size, cfg.hidden_size);
+  EXPECT_EQ(m, forward_w);
+  // Resuming reproduces the quantized forward.
+  auto resumed = Trainer::FromCheckpoint(dir, o);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_EQ(expert_weights((*resumed)->model()), forward_w);
+  auto r1 = (*t)->Step(b.view()), r2 = (*resumed)->Step(b.view());
+  ASSERT_TRUE(r1.ok() && r2.ok());
+  EXPECT_EQ(r1->loss, r2->loss);
   fs::remove_all(dir);
 }
 

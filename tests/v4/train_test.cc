@@ -108,7 +108,7 @@ struct WeightedCase {
   std::vector<int64_t> tokens, targets;
   std::vector<float> weights;
   int64_t B = 2, T = 13;
-  TokenBatch batch() const { return {tokens, targets, weights, B, T}; }
+  TokenBatch batch() const { return {tokens, targets, weights, B, T, {}}; }
 };
 
 // Random ids; every third position masked, the rest with weights of both signs.
@@ -190,6 +190,67 @@ TEST(V4TrainTest, WeightedLossRejectsBadBatches) {
   bad = c;
   bad.T = 0;
   EXPECT_EQ(code(bad).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Routing replay: the routes the model itself picks reproduce its loss and
+// gradients exactly; other routes change them; expert_load counts the routes.
+TEST(V4TrainTest, ReplayedRoutesReplaceTheSelection) {
+  auto model = Model::Load(kFixtureB);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const auto& cfg = (*model)->config();
+  const int K = cfg.experts_per_token;
+  WeightedCase c = RandomCase(5, cfg.vocab_size);
+  // [L, B, T, K] from the inference path's captured routes.
+  std::vector<int32_t> routes(cfg.num_layers * c.B * c.T * K);
+  for (int64_t b = 0; b < c.B; ++b) {
+    auto s = (*model)->NewState();
+    StepOutputs out;
+    out.capture_routes = true;
+    std::vector<Model::Chunk> chunk = {{s.get(), absl::MakeConstSpan(c.tokens.data() + b * c.T, c.T)}};
+    ASSERT_TRUE((*model)->Step(chunk, &out).ok());
+    for (int l = 0; l < cfg.num_layers; ++l)
+      std::copy(out.routes[l].begin(), out.routes[l].end(), routes.begin() + ((l * c.B + b) * c.T) * K);
+  }
+  Gradients g0, g1;
+  auto plain = WeightedTokenLossAndGradients(**model, c.batch(), &g0);
+  TokenBatch replay = c.batch();
+  replay.replay_routes = routes;
+  auto replayed = WeightedTokenLossAndGradients(**model, replay, &g1);
+  ASSERT_TRUE(plain.ok() && replayed.ok()) << replayed.status();
+  EXPECT_EQ(plain->loss, replayed->loss);
+  for (const auto& [name, g] : g0.by_name) EXPECT_EQ(g, g1.by_name[name]) << name;
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    std::vector<int64_t> counts(cfg.n_routed_experts, 0);
+    for (int64_t i = 0; i < c.B * c.T * K; ++i) ++counts[routes[l * c.B * c.T * K + i]];
+    EXPECT_EQ(plain->expert_load[l], counts) << "layer " << l;
+  }
+  // Other experts for every token of layer 2 (e -> e+1 mod E keeps them distinct).
+  std::vector<int32_t> shifted = routes;
+  for (int64_t i = 0; i < c.B * c.T * K; ++i) {
+    int32_t& e = shifted[2 * c.B * c.T * K + i];
+    e = (e + 1) % cfg.n_routed_experts;
+  }
+  replay.replay_routes = shifted;
+  auto other = WeightedTokenLossAndGradients(**model, replay, nullptr);
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_NE(other->loss, plain->loss);
+  EXPECT_NE(other->expert_load[2], plain->expert_load[2]);
+  // Bad replays name the problem.
+  std::vector<int32_t> bad = routes;
+  bad.pop_back();
+  replay.replay_routes = bad;
+  EXPECT_NE(WeightedTokenLossAndGradients(**model, replay, nullptr).status().message().find("replay_routes has"),
+            std::string::npos);
+  bad = routes;
+  bad[K] = cfg.n_routed_experts;
+  replay.replay_routes = bad;
+  EXPECT_NE(WeightedTokenLossAndGradients(**model, replay, nullptr).status().message().find("outside"),
+            std::string::npos);
+  bad = routes;
+  bad[1] = bad[0];
+  replay.replay_routes = bad;
+  EXPECT_NE(WeightedTokenLossAndGradients(**model, replay, nullptr).status().message().find("repeats expert"),
+            std::string::npos);
 }
 
 // Every MoE layer's routed experts for every token of the case.
