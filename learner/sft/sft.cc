@@ -115,7 +115,7 @@ absl::StatusOr<SftOptions> ParseSftConfig(const std::string& text, const std::st
   if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
   if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(source, ": must be a JSON object"));
   RETURN_IF_ERROR(UnknownKeys(j, {"model", "data", "output_dir", "batch_size", "seq_len", "steps", "checkpoint_every",
-                                  "resume", "seed", "tensorboard", "optimizer"},
+                                  "resume", "seed", "tensorboard", "bias_update_speed", "qat_experts", "optimizer"},
                               source));
   SftOptions o;
   RETURN_IF_ERROR(Read(j, "model", source, &o.model_dir, true));
@@ -128,6 +128,10 @@ absl::StatusOr<SftOptions> ParseSftConfig(const std::string& text, const std::st
   RETURN_IF_ERROR(Read(j, "resume", source, &o.resume));
   RETURN_IF_ERROR(Read(j, "seed", source, &o.trainer.seed));
   RETURN_IF_ERROR(Read(j, "tensorboard", source, &o.tensorboard));
+  RETURN_IF_ERROR(Read(j, "bias_update_speed", source, &o.trainer.bias_update_speed));
+  RETURN_IF_ERROR(Read(j, "qat_experts", source, &o.trainer.qat_experts));
+  if (o.trainer.bias_update_speed < 0)
+    return absl::InvalidArgumentError(absl::StrCat(source, ": 'bias_update_speed' must be >= 0"));
   for (const auto& [name, v] : {std::pair<const char*, int64_t>{"batch_size", o.batch_size}, {"seq_len", o.seq_len},
                                 {"steps", o.steps}})
     if (v <= 0) return absl::InvalidArgumentError(absl::StrCat(source, ": '", name, "' must be positive, got ", v));

@@ -12,7 +12,8 @@
 //   output_dir   checkpoints (<output_dir>/checkpoint) and metrics.jsonl
 //   batch_size, seq_len, steps, checkpoint_every (0: only at the end), seed,
 //   resume (continue from <output_dir>/checkpoint), tensorboard (event files
-//   under <output_dir>/tensorboard), optimizer {schedule, lr, final_lr,
+//   under <output_dir>/tensorboard), bias_update_speed and qat_experts (see
+//   trainer::TrainerOptions), optimizer {schedule, lr, final_lr,
 //   warmup_steps, max_grad_norm, weight_decay, muon_momentum, adam_beta1,
 //   adam_beta2}; parameter groups are the V4 defaults (optim::DefaultV4Rules).
 //

@@ -137,6 +137,21 @@ TEST(SftTest, ConfigErrorsNameTheField) {
   EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "optimizer": {"lr": 1, "betas": 1}})")
                 .find("'betas'"),
             std::string::npos);
+  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "qat_experts": 1})").find("'qat_experts'"),
+            std::string::npos);
+  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "bias_update_speed": -1})")
+                .find("'bias_update_speed'"),
+            std::string::npos);
+  auto parsed = ParseSftConfig(R"({"model": "m", "data": "d", "output_dir": "o", "qat_experts": true,
+                                   "bias_update_speed": 0.5, "optimizer": {"lr": 0.01, "warmup_steps": 3}})",
+                               "c.json");
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_TRUE(parsed->trainer.qat_experts);
+  EXPECT_EQ(parsed->trainer.bias_update_speed, 0.5f);
+  EXPECT_EQ(parsed->trainer.optimizer.schedule.peak_lr, 0.01);
+  EXPECT_EQ(parsed->trainer.optimizer.schedule.final_lr, 0.001);
+  EXPECT_EQ(parsed->trainer.optimizer.schedule.warmup_steps, 3);
+  EXPECT_EQ(parsed->trainer.optimizer.schedule.total_steps, 100);
   EXPECT_EQ(LoadSftConfig("/nonexistent/sft.json").status().code(), absl::StatusCode::kNotFound);
 }
 
