@@ -115,7 +115,8 @@ absl::StatusOr<SftOptions> ParseSftConfig(const std::string& text, const std::st
   if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
   if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(source, ": must be a JSON object"));
   RETURN_IF_ERROR(UnknownKeys(j, {"model", "data", "output_dir", "batch_size", "seq_len", "steps", "checkpoint_every",
-                                  "resume", "seed", "tensorboard", "bias_update_speed", "qat_experts", "optimizer"},
+                                  "resume", "seed", "tensorboard", "bias_update_speed", "qat_experts", "balance_loss_weight",
+                                  "anticipatory_routing_delay", "optimizer"},
                               source));
   SftOptions o;
   RETURN_IF_ERROR(Read(j, "model", source, &o.model_dir, true));
@@ -130,6 +131,15 @@ absl::StatusOr<SftOptions> ParseSftConfig(const std::string& text, const std::st
   RETURN_IF_ERROR(Read(j, "tensorboard", source, &o.tensorboard));
   RETURN_IF_ERROR(Read(j, "bias_update_speed", source, &o.trainer.bias_update_speed));
   RETURN_IF_ERROR(Read(j, "qat_experts", source, &o.trainer.qat_experts));
+  RETURN_IF_ERROR(Read(j, "balance_loss_weight", source, &o.trainer.balance_loss_weight));
+  int64_t delay = o.trainer.anticipatory_routing_delay;
+  RETURN_IF_ERROR(Read(j, "anticipatory_routing_delay", source, &delay));
+  if (delay < 0 || delay > 1000)
+    return absl::InvalidArgumentError(absl::StrCat(source, ": 'anticipatory_routing_delay' must be in 0..1000, got ",
+                                                   delay));
+  o.trainer.anticipatory_routing_delay = static_cast<int>(delay);
+  if (o.trainer.balance_loss_weight < 0)
+    return absl::InvalidArgumentError(absl::StrCat(source, ": 'balance_loss_weight' must be >= 0"));
   if (o.trainer.bias_update_speed < 0)
     return absl::InvalidArgumentError(absl::StrCat(source, ": 'bias_update_speed' must be >= 0"));
   for (const auto& [name, v] : {std::pair<const char*, int64_t>{"batch_size", o.batch_size}, {"seq_len", o.seq_len},
@@ -319,7 +329,14 @@ absl::StatusOr<SftStepReport> RunSft(const SftOptions& o, const std::function<vo
   report.total_steps = o.steps;
   if (first >= o.steps)
     return absl::FailedPreconditionError(absl::StrCat(ckpt, " is at step ", first, ", not before 'steps' ", o.steps));
+  // Anticipatory routing: batch p is prefetched (routed) before the update of
+  // step p - delay; a resumed trainer brings its queue from the checkpoint.
+  const int64_t delay = o.trainer.anticipatory_routing_delay;
+  for (int64_t p = t->data_position() + t->prefetched(); delay > 0 && p < t->data_position() + delay; ++p)
+    RETURN_IF_ERROR(t->Prefetch(MakeBatch(*packed, o.batch_size, p, o.trainer.seed).view()));
   while (t->step() < o.steps) {
+    if (delay > 0)
+      RETURN_IF_ERROR(t->Prefetch(MakeBatch(*packed, o.batch_size, t->data_position() + delay, o.trainer.seed).view()));
     const SftBatch batch = MakeBatch(*packed, o.batch_size, t->data_position(), o.trainer.seed);
     auto r = t->Step(batch.view());
     if (!r.ok()) return Annotate(r.status(), absl::StrCat("sft step ", t->step()));
@@ -330,7 +347,7 @@ absl::StatusOr<SftStepReport> RunSft(const SftOptions& o, const std::function<vo
     report.tokens_per_s = report.elapsed_s > 0 ? tokens_done / report.elapsed_s : 0;
     const int64_t done = r->step + 1;
     const double eta = report.elapsed_s / static_cast<double>(done - first) * static_cast<double>(o.steps - done);
-    json line = {{"step", done},          {"loss", r->loss},           {"lr", r->lr},
+    json line = {{"step", done},          {"loss", r->loss},           {"balance_loss", r->balance_loss}, {"lr", r->lr},
                  {"grad_norm", r->grad_norm}, {"clip_scale", r->clip_scale}, {"scored_tokens", r->tokens},
                  {"tokens_per_s", report.tokens_per_s}, {"elapsed_s", report.elapsed_s}};
     metrics << line.dump() << "\n";

@@ -12,8 +12,10 @@
 //   output_dir   checkpoints (<output_dir>/checkpoint) and metrics.jsonl
 //   batch_size, seq_len, steps, checkpoint_every (0: only at the end), seed,
 //   resume (continue from <output_dir>/checkpoint), tensorboard (event files
-//   under <output_dir>/tensorboard), bias_update_speed and qat_experts (see
-//   trainer::TrainerOptions), optimizer {schedule, lr, final_lr,
+//   under <output_dir>/tensorboard), bias_update_speed, qat_experts,
+//   balance_loss_weight and anticipatory_routing_delay (see
+//   trainer::TrainerOptions; with a delay the loop prefetches each batch that
+//   many steps ahead), optimizer {schedule, lr, final_lr,
 //   warmup_steps, max_grad_norm, weight_decay, muon_momentum, adam_beta1,
 //   adam_beta2}; parameter groups are the V4 defaults (optim::DefaultV4Rules).
 //
@@ -85,7 +87,7 @@ struct SftBatch {
   std::vector<int64_t> tokens, targets;
   std::vector<float> weights;
   int64_t B = 0, T = 0;
-  v4::TokenBatch view() const { return {tokens, targets, weights, B, T, {}}; }
+  v4::TokenBatch view() const { return {tokens, targets, weights, B, T, {}, 0.0f}; }
 };
 SftBatch MakeBatch(const PackedRows& rows, int64_t batch_size, int64_t position, uint64_t seed);
 

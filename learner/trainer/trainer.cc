@@ -88,6 +88,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Build(const std::string& dir, 
   io::TensorMap map(dir + " (trainer parameters)");
   for (const auto& nt : t->tensors_) map.Add(nt.name, nt.value);
   ASSIGN_OR_RETURN(t->model_, v4::Model::FromTensors(config, map));
+  if (options.anticipatory_routing_delay < 0)
+    return absl::InvalidArgumentError(absl::StrCat("anticipatory_routing_delay must be >= 0, got ",
+                                                   options.anticipatory_routing_delay));
+  if (!(options.balance_loss_weight >= 0) || !std::isfinite(options.balance_loss_weight))
+    return absl::InvalidArgumentError(absl::StrCat("balance_loss_weight must be finite and >= 0, got ",
+                                                   options.balance_loss_weight));
   if (options.bias_update_speed < 0 || !std::isfinite(options.bias_update_speed))
     return absl::InvalidArgumentError(absl::StrCat("bias_update_speed must be finite and >= 0, got ",
                                                    options.bias_update_speed));
@@ -140,6 +146,36 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::FromCheckpoint(const std::stri
   ASSIGN_OR_RETURN(int64_t rng, ReadScalar(*state, "trainer.rng"));
   t->rng_state_ = static_cast<uint64_t>(rng);
   ASSIGN_OR_RETURN(t->data_position_, ReadScalar(*state, "trainer.data_position"));
+  const auto& c = t->model_->config();
+  for (int i = 0;; ++i) {
+    const std::string tn = absl::StrCat("trainer.prefetch.", i, ".tokens");
+    const std::string rn = absl::StrCat("trainer.prefetch.", i, ".routes");
+    if (!state->Has(tn)) {
+      if (state->Has(rn)) return absl::DataLossError(absl::StrCat(state_path, ": '", rn, "' without '", tn, "'"));
+      break;
+    }
+    if (t->options_.anticipatory_routing_delay <= 0)
+      return absl::InvalidArgumentError(absl::StrCat(state_path, ": holds anticipatory routes but the options turn "
+                                                                 "anticipatory routing off"));
+    ASSIGN_OR_RETURN(Tensor tokens, state->Get(tn));
+    ASSIGN_OR_RETURN(Tensor routes, state->Get(rn));
+    if (tokens.dtype() != DType::kI64 || tokens.rank() != 2)
+      return absl::InvalidArgumentError(absl::StrCat(state_path, ": '", tn, "' must be i64 [B, T], got ",
+                                                     tokens.DebugString()));
+    Prefetched p;
+    p.B = tokens.dim(0);
+    p.T = tokens.dim(1);
+    const Shape want = {c.num_layers, p.B, p.T, c.experts_per_token};
+    if (routes.dtype() != DType::kI32 || routes.shape() != want)
+      return absl::InvalidArgumentError(absl::StrCat(state_path, ": '", rn, "' must be i32 ", ShapeString(want),
+                                                     ", got ", routes.DebugString()));
+    p.tokens.assign(tokens.data<int64_t>(), tokens.data<int64_t>() + tokens.numel());
+    p.routes.assign(routes.data<int32_t>(), routes.data<int32_t>() + routes.numel());
+    for (int32_t e : p.routes)
+      if (e < 0 || e >= c.n_routed_experts)
+        return absl::DataLossError(absl::StrCat(state_path, ": '", rn, "' names expert ", e));
+    t->prefetched_.push_back(std::move(p));
+  }
   return t;
 }
 
@@ -198,9 +234,53 @@ absl::StatusOr<v4::WeightedLoss> Trainer::Evaluate(const v4::TokenBatch& batch) 
   return v4::WeightedTokenLossAndGradients(*model_, batch, nullptr);
 }
 
-absl::StatusOr<StepResult> Trainer::Step(const v4::TokenBatch& batch) {
+absl::Status Trainer::Prefetch(const v4::TokenBatch& batch) {
+  if (options_.anticipatory_routing_delay <= 0)
+    return absl::FailedPreconditionError("Prefetch: anticipatory routing is off (anticipatory_routing_delay = 0)");
+  const auto& c = model_->config();
+  const int64_t B = batch.B, T = batch.T, K = c.experts_per_token;
+  if (B <= 0 || T <= 0 || static_cast<int64_t>(batch.tokens.size()) != B * T)
+    return absl::InvalidArgumentError(absl::StrCat("Prefetch: tokens has ", batch.tokens.size(),
+                                                   " entries, expected B*T for B=", B, " T=", T));
+  Prefetched p;
+  p.tokens.assign(batch.tokens.begin(), batch.tokens.end());
+  p.routes.resize(static_cast<size_t>(c.num_layers) * B * T * K);
+  p.B = B;
+  p.T = T;
+  for (int64_t b = 0; b < B; ++b) {
+    auto state = model_->NewState();
+    v4::StepOutputs out;
+    out.capture_routes = true;
+    std::vector<v4::Model::Chunk> chunk = {{state.get(), batch.tokens.subspan(b * T, T)}};
+    RETURN_IF_ERROR(model_->Step(chunk, &out).status());
+    for (int l = 0; l < c.num_layers; ++l)
+      std::copy(out.routes[l].begin(), out.routes[l].end(), p.routes.begin() + ((l * B + b) * T) * K);
+  }
+  prefetched_.push_back(std::move(p));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepResult> Trainer::Step(const v4::TokenBatch& input) {
+  v4::TokenBatch batch = input;
+  batch.balance_loss_weight = options_.balance_loss_weight;
+  std::vector<int32_t> routes;
+  if (options_.anticipatory_routing_delay > 0) {
+    if (prefetched_.empty())
+      return absl::FailedPreconditionError(absl::StrCat(
+          "step ", step(), ": anticipatory routing needs this batch Prefetch()ed ",
+          options_.anticipatory_routing_delay, " steps earlier; nothing is queued"));
+    Prefetched& p = prefetched_.front();
+    if (p.B != batch.B || p.T != batch.T || !std::equal(p.tokens.begin(), p.tokens.end(), batch.tokens.begin(),
+                                                        batch.tokens.end()))
+      return absl::FailedPreconditionError(absl::StrCat("step ", step(), ": the batch is not the one Prefetch()ed for it"));
+    if (!input.replay_routes.empty())
+      return absl::InvalidArgumentError("a batch with replay_routes cannot also use anticipatory routing");
+    routes = std::move(p.routes);
+    batch.replay_routes = routes;
+  }
   v4::Gradients g;
   ASSIGN_OR_RETURN(v4::WeightedLoss wl, v4::WeightedTokenLossAndGradients(*model_, batch, &g));
+  if (options_.anticipatory_routing_delay > 0) prefetched_.erase(prefetched_.begin());
   if (!std::isfinite(wl.loss))
     return absl::FailedPreconditionError(absl::StrCat("step ", step(), ": loss is ", wl.loss));
   // A tied head has no tensor of its own: its gradient is the embedding's.
@@ -229,6 +309,7 @@ absl::StatusOr<StepResult> Trainer::Step(const v4::TokenBatch& batch) {
   r.lr = stats.lr;
   r.grad_norm = stats.grad_norm;
   r.clip_scale = stats.clip_scale;
+  r.balance_loss = wl.balance_loss;
   for (int64_t v : batch.targets) r.tokens += v >= 0;
   return r;
 }
@@ -256,6 +337,12 @@ absl::Status Trainer::SaveCheckpoint(const std::string& dir) const {
   state.emplace_back("trainer.step", Scalar(optimizer_->step()));
   state.emplace_back("trainer.rng", Scalar(static_cast<int64_t>(rng_state_)));
   state.emplace_back("trainer.data_position", Scalar(data_position_));
+  const int64_t L = model_->config().num_layers, K = model_->config().experts_per_token;
+  for (size_t i = 0; i < prefetched_.size(); ++i) {
+    const Prefetched& p = prefetched_[i];
+    state.emplace_back(absl::StrCat("trainer.prefetch.", i, ".tokens"), Tensor::FromI64(p.tokens, {p.B, p.T}));
+    state.emplace_back(absl::StrCat("trainer.prefetch.", i, ".routes"), Tensor::FromI32(p.routes, {L, p.B, p.T, K}));
+  }
   RETURN_IF_ERROR(io::WriteSafetensors(tmp + "/" + kStateFile, state, {{"producer", "retort trainer"}}));
   RETURN_IF_ERROR(FsyncPath(tmp, true));
   const std::string old = absl::StrCat(d, ".old-", getpid());

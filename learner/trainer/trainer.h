@@ -7,7 +7,10 @@
 //   <dir>/model.safetensors        the model in the HF layout Model::Load reads
 //   <dir>/trainer_state.safetensors optimizer state (Optimizer::SaveState),
 //                                  "trainer.step", "trainer.rng",
-//                                  "trainer.data_position" (i64 [1] each)
+//                                  "trainer.data_position" (i64 [1] each),
+//                                  and anticipatory routes not yet used:
+//                                  "trainer.prefetch.<i>.tokens" (i64 [B, T]),
+//                                  "trainer.prefetch.<i>.routes" (i32 [L, B, T, K])
 //
 // A checkpoint is written into <dir>.tmp-<pid>, every file and the directory
 // fsynced, then renamed to <dir>; a previous <dir> is first renamed to
@@ -47,6 +50,16 @@ struct TrainerOptions {
   // gradient passes straight through to the fp32 masters the optimizer
   // updates, and checkpoints hold the masters. Default: false
   bool qat_experts = false;
+  // Weight of the sequence-wise balance loss (v4::TokenBatch::
+  // balance_loss_weight) applied to every batch. Default: 0 (off; the spec's
+  // pre-training uses 1e-4)
+  float balance_loss_weight = 0.0f;
+  // Anticipatory routing (V4_SPEC.md §6): 0 = off. With delay Δt > 0, the
+  // routes of the batch of step t come from the parameters of step t − Δt:
+  // the caller hands each batch to Prefetch() Δt steps before it is trained
+  // on (the first Δt batches before step 0, so they route with θ_0), and
+  // Step() replays the routes Prefetch computed. Default: 0
+  int anticipatory_routing_delay = 0;
 };
 
 // MXFP4 round trip of a row-major [rows, cols] matrix in place: each run of 32
@@ -63,6 +76,7 @@ struct StepResult {
   double grad_norm = 0;   // global L2 norm before clipping
   double clip_scale = 1;
   int64_t tokens = 0;     // unmasked target positions in the batch
+  double balance_loss = 0;  // sequence-wise balance loss (0 when off)
 };
 
 class Trainer {
@@ -83,6 +97,13 @@ class Trainer {
   // normalisation). A non-finite loss or gradient norm is FailedPrecondition
   // and leaves the parameters unchanged.
   [[nodiscard]] absl::StatusOr<StepResult> Step(const v4::TokenBatch& batch);
+  // Anticipatory routing: computes `batch`'s routes with the current
+  // parameters and queues them for the Step() that trains on this batch.
+  // FailedPrecondition when anticipatory routing is off; InvalidArgument for
+  // a bad batch. Queued routes are checkpointed.
+  [[nodiscard]] absl::Status Prefetch(const v4::TokenBatch& batch);
+  int64_t prefetched() const { return static_cast<int64_t>(prefetched_.size()); }
+
   // Loss of `batch` under the current parameters, no update.
   [[nodiscard]] absl::StatusOr<v4::WeightedLoss> Evaluate(const v4::TokenBatch& batch) const;
 
@@ -108,6 +129,12 @@ class Trainer {
   // model's own tensor holds the master's MXFP4 round trip.
   std::map<std::string, Tensor> masters_;
   TrainerOptions options_;
+  struct Prefetched {
+    std::vector<int64_t> tokens;  // [B, T]: Step() checks it trains on the same batch
+    std::vector<int32_t> routes;  // [L, B, T, K]
+    int64_t B = 0, T = 0;
+  };
+  std::vector<Prefetched> prefetched_;  // FIFO, oldest first
   void RefreshQuantizedExperts();
   void UpdateRouterBias(const std::vector<std::vector<int64_t>>& load);
   std::unique_ptr<v4::Model> model_;

@@ -147,6 +147,8 @@ struct Ctx {
   const Model& m;
   const io::V4Config& c;
   std::map<std::string, Vec>& g;
+  float balance_weight = 0.0f;  // Note [Sequence balance loss]; 0: off
+  double balance_loss = 0.0;    // summed over sequences and layers
   Vec& G(const std::string& name, int64_t n) {
     auto& v = g[name];
     if (v.empty()) v.assign(n, 0.0f);
@@ -566,6 +568,10 @@ struct MoeSaved {
   Vec w;                          // [T, K]
   std::vector<ExpertSaved> slot;  // [T*K]
   std::vector<ExpertSaved> shared;
+  // Sequence-wise balance loss (learned-routing layers, weight > 0):
+  // bal_g[e] = d(balance loss)/d(normalised score of e) at every position.
+  Vec bal_g;
+  double balance_loss = 0.0;
 };
 
 void ExpertFwd(const Ctx& cx, const Expert& ex, const float* x, ExpertSaved& s) {
@@ -648,6 +654,25 @@ void MoeFwd(const Ctx& cx, int l, const Vec& x, const int64_t* tokens, int64_t T
       for (int64_t i = 0; i < d; ++i) out[t * d + i] += s.w[t * K + k] * es.y[i];
     }
   }
+  // Note [Sequence balance loss]: DeepSeek-V3's sequence-wise auxiliary loss,
+  // L = alpha * sum_e f_e P_e with f_e = E/(K T) * #{t : e in top-k(t)} (a
+  // count: no gradient) and P_e = 1/T sum_t s_te / sum_j s_tj (the scores
+  // normalised over all experts). dL/d(normalised s_te) = alpha f_e / T.
+  if (cx.balance_weight > 0.0f && !moe.hash_routed) {
+    std::vector<double> f(E, 0.0), P(E, 0.0);
+    for (int64_t i = 0; i < T * K; ++i) f[s.idx[i]] += static_cast<double>(E) / (static_cast<double>(K) * T);
+    for (int64_t t = 0; t < T; ++t) {
+      double S = 0;
+      for (int64_t e = 0; e < E; ++e) S += s.scores[t * E + e];
+      for (int64_t e = 0; e < E; ++e) P[e] += s.scores[t * E + e] / S / T;
+    }
+    s.bal_g.resize(E);
+    s.balance_loss = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      s.balance_loss += cx.balance_weight * f[e] * P[e];
+      s.bal_g[e] = static_cast<float>(cx.balance_weight * f[e] / T);
+    }
+  }
   if (moe.has_shared) {
     s.shared.assign(T, {});
     for (int64_t t = 0; t < T; ++t) {
@@ -690,6 +715,18 @@ void MoeBack(Ctx& cx, int l, const Vec& x, int64_t T, const MoeSaved& s, const V
       const float ds = rsf * (dws[k] / S - cross / (S * S));
       // s = sqrt(softplus(z)): ds/dz = sigmoid(z) / (2 s)
       if (sc[e] > 0) dz[t * E + e] += ds * cpu::Sigmoid(s.logits[t * E + e]) / (2.0f * sc[e]);
+    }
+  }
+  if (!s.bal_g.empty()) {
+    // Through s'_e = s_e / S: ds_j = (g_j - sum_e g_e s'_e) / S; then sqrt-softplus.
+    for (int64_t t = 0; t < T; ++t) {
+      const float* sc = s.scores.data() + t * E;
+      float S = 0.0f, dot = 0.0f;
+      for (int64_t e = 0; e < E; ++e) S += sc[e];
+      for (int64_t e = 0; e < E; ++e) dot += s.bal_g[e] * sc[e] / S;
+      for (int64_t e = 0; e < E; ++e)
+        if (sc[e] > 0)
+          dz[t * E + e] += (s.bal_g[e] - dot) / S * cpu::Sigmoid(s.logits[t * E + e]) / (2.0f * sc[e]);
     }
   }
   Back(moe.gate.data<float>(), E, d, x.data(), dz.data(), T, dx.data(), cx.G(P + "gate.weight", E * d).data());
@@ -756,6 +793,7 @@ absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int6
     const int K = c.experts_per_token;
     MoeFwd(cx, l, s.xn_ffn, tokens, T, replay ? replay + ((l * B + b) * T) * K : nullptr, s.moe, s.f_ffn);
     for (int64_t e : s.moe.idx) ++load[l][e];
+    cx.balance_loss += s.moe.balance_loss;
     HcMix(cx, s.X1, s.f_ffn, s.hc_ffn, T, X);
   }
   // hc_head, final norm, head, loss.
@@ -918,7 +956,10 @@ absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, c
       }
   }
   std::map<std::string, Vec> local;
-  Ctx cx{model, c, grads ? grads->by_name : local};
+  if (!(batch.balance_loss_weight >= 0.0f) || !std::isfinite(batch.balance_loss_weight))
+    return absl::InvalidArgumentError(absl::StrCat("token batch: balance_loss_weight must be finite and >= 0, got ",
+                                                   batch.balance_loss_weight));
+  Ctx cx{model, c, grads ? grads->by_name : local, batch.balance_loss_weight};
   WeightedLoss out;
   out.logprobs.assign(n, 0.0f);
   out.expert_load.assign(c.num_layers, std::vector<int64_t>(E, 0));
@@ -929,6 +970,7 @@ absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, c
                                                     replay, b, B, out.expert_load));
     out.loss += l;
   }
+  out.balance_loss = cx.balance_loss;
   return out;
 }
 
@@ -946,7 +988,7 @@ absl::StatusOr<float> NextTokenLossAndGradients(const Model& model, absl::Span<c
       targets[b * T + t] = tokens[b * T + t + 1];
       weights[b * T + t] = scale;
     }
-  TokenBatch batch{tokens, targets, weights, B, T, {}};
+  TokenBatch batch{tokens, targets, weights, B, T, {}, 0.0f};
   ASSIGN_OR_RETURN(WeightedLoss r, WeightedTokenLossAndGradients(model, batch, grads));
   return static_cast<float>(r.loss);
 }

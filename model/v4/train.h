@@ -48,6 +48,11 @@ struct TokenBatch {
   // used in place of every layer's own selection; the mixing weights are still
   // the current router's scores of those experts. Empty: route normally.
   absl::Span<const int32_t> replay_routes;
+  // Weight alpha of DeepSeek-V3's sequence-wise balance loss, added per row
+  // and learned-routing layer: alpha * sum_e f_e P_e (f: the row's routed
+  // fraction of expert e times E/K, P: its mean normalised score). Its
+  // gradient reaches the router weights. 0: off (the spec trains with 1e-4).
+  float balance_loss_weight = 0.0f;
 };
 
 struct WeightedLoss {
@@ -59,6 +64,9 @@ struct WeightedLoss {
   // expert_load[l][e]: tokens layer l routed to expert e in this batch (all
   // positions, masked ones too); the input of the aux-loss-free bias update.
   std::vector<std::vector<int64_t>> expert_load;
+  // The balance loss (0 when off). Not part of `loss`; its gradient is in the
+  // gradients too, so the optimised objective is loss + balance_loss.
+  double balance_loss = 0.0;
 };
 
 // Forward + backward of WeightedLoss::loss. Fills `grads` (when non-null) with

@@ -113,6 +113,33 @@ TEST(SftTest, ResumedRunMatchesUninterruptedRun) {
     EXPECT_EQ(b[i]["step"], a[i]["step"]);
     EXPECT_NEAR(b[i]["loss"].get<double>(), a[i]["loss"].get<double>(), 1e-6) << "step " << i + 1;
   }
+  // The same with every MoE training feature on: QAT, balance loss and
+  // anticipatory routing (whose queued routes ride along in the checkpoint).
+  SftOptions moe = *base;
+  moe.trainer.qat_experts = true;
+  moe.trainer.balance_loss_weight = 1e-3f;
+  moe.trainer.anticipatory_routing_delay = 2;
+  SftOptions moe_straight = moe, moe_first = moe;
+  moe_straight.output_dir = Temp("moe_straight");
+  moe_first.output_dir = Temp("moe_resumed");
+  moe_first.steps = 3;
+  ASSERT_TRUE(RunSft(moe_straight).ok());
+  ASSERT_TRUE(RunSft(moe_first).ok());
+  SftOptions moe_second = moe_first;
+  moe_second.steps = 6;
+  moe_second.resume = true;
+  auto moe_last = RunSft(moe_second);
+  ASSERT_TRUE(moe_last.ok()) << moe_last.status();
+  const auto c = Metrics(moe_straight.output_dir), d = Metrics(moe_first.output_dir);
+  ASSERT_EQ(c.size(), 6u);
+  ASSERT_EQ(d.size(), 6u);
+  for (size_t i = 0; i < 6; ++i) {
+    EXPECT_NEAR(d[i]["loss"].get<double>(), c[i]["loss"].get<double>(), 1e-6) << "moe step " << i + 1;
+    EXPECT_GT(c[i]["balance_loss"].get<double>(), 0.0);
+  }
+  EXPECT_LT(c[5]["loss"].get<double>(), c[0]["loss"].get<double>());
+  fs::remove_all(moe_straight.output_dir);
+  fs::remove_all(moe_first.output_dir);
   SftOptions again = second;  // already at 'steps'
   EXPECT_EQ(RunSft(again).status().code(), absl::StatusCode::kFailedPrecondition);
   fs::remove_all(straight.output_dir);

@@ -8,6 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "learner/trainer/trainer.h"
+#include "model/base/logging.h"
 
 namespace retort::trainer {
 namespace {
@@ -31,7 +32,7 @@ struct Batch {
   std::vector<int64_t> tokens, targets;
   std::vector<float> weights;
   int64_t B = 2, T = 12;
-  v4::TokenBatch view() const { return {tokens, targets, weights, B, T, {}}; }
+  v4::TokenBatch view() const { return {tokens, targets, weights, B, T, {}, 0.0f}; }
 };
 
 // Next-token batch drawn from the trainer's RNG; the first 3 positions of each
@@ -297,6 +298,80 @@ TEST(TrainerTest, QatTrainsMastersThroughTheMxFp4Forward) {
   auto r1 = (*t)->Step(b.view()), r2 = (*resumed)->Step(b.view());
   ASSERT_TRUE(r1.ok() && r2.ok());
   EXPECT_EQ(r1->loss, r2->loss);
+  fs::remove_all(dir);
+}
+
+// [L, B, T, K] routes of `b` under the model's current parameters.
+std::vector<int32_t> RoutesOf(const v4::Model& m, const Batch& b) {
+  const auto& c = m.config();
+  const int64_t K = c.experts_per_token;
+  std::vector<int32_t> routes(c.num_layers * b.B * b.T * K);
+  for (int64_t r = 0; r < b.B; ++r) {
+    auto s = m.NewState();
+    v4::StepOutputs out;
+    out.capture_routes = true;
+    std::vector<v4::Model::Chunk> chunk = {{s.get(), absl::MakeConstSpan(b.tokens.data() + r * b.T, b.T)}};
+    CHECK(m.Step(chunk, &out).ok());
+    for (int l = 0; l < c.num_layers; ++l)
+      std::copy(out.routes[l].begin(), out.routes[l].end(), routes.begin() + ((l * b.B + r) * b.T) * K);
+  }
+  return routes;
+}
+
+// Anticipatory routing with delay 2 equals explicit replay of the routes each
+// batch had two steps earlier (θ_0 for the first two), and resumes exactly
+// with routes still queued.
+TEST(TrainerTest, AnticipatoryRoutingUsesRoutesFromDeltaStepsEarlier) {
+  const int delay = 2, steps = 6;
+  TrainerOptions plain = Options();
+  plain.balance_loss_weight = 1e-2f;
+  TrainerOptions ant = plain;
+  ant.anticipatory_routing_delay = delay;
+  auto ref = Trainer::FromModelDir(kFixtureB, plain);
+  auto a = Trainer::FromModelDir(kFixtureB, ant);
+  ASSERT_TRUE(ref.ok() && a.ok()) << a.status();
+  auto data = Trainer::FromModelDir(kFixtureB, plain);  // only its RNG draws the batches
+  ASSERT_TRUE(data.ok());
+  std::vector<Batch> batches;
+  for (int i = 0; i < steps + delay; ++i) batches.push_back(NextBatch(**data, 384));
+  EXPECT_EQ((*a)->Step(batches[0].view()).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*ref)->Prefetch(batches[0].view()).code(), absl::StatusCode::kFailedPrecondition);
+  std::vector<std::vector<int32_t>> routes(steps + delay);
+  for (int i = 0; i < delay; ++i) {
+    routes[i] = RoutesOf((*ref)->model(), batches[i]);
+    ASSERT_TRUE((*a)->Prefetch(batches[i].view()).ok());
+  }
+  EXPECT_EQ((*a)->Step(batches[1].view()).status().code(), absl::StatusCode::kFailedPrecondition);  // not queued first
+  std::vector<double> losses;
+  const std::string dir = TempDir("anticipatory");
+  for (int s = 0; s < steps; ++s) {
+    routes[s + delay] = RoutesOf((*ref)->model(), batches[s + delay]);
+    ASSERT_TRUE((*a)->Prefetch(batches[s + delay].view()).ok());
+    v4::TokenBatch replay = batches[s].view();
+    replay.replay_routes = routes[s];
+    auto r_ref = (*ref)->Step(replay);
+    auto r_a = (*a)->Step(batches[s].view());
+    ASSERT_TRUE(r_ref.ok() && r_a.ok()) << r_a.status();
+    EXPECT_EQ(r_a->loss, r_ref->loss) << "step " << s;
+    EXPECT_EQ(r_a->balance_loss, r_ref->balance_loss) << "step " << s;
+    EXPECT_GT(r_a->balance_loss, 0.0);
+    losses.push_back(r_a->loss);
+    if (s == 2) {
+      ASSERT_TRUE((*a)->SaveCheckpoint(dir).ok());
+    }
+  }
+  // Routes from two steps back differ from fresh ones somewhere by now.
+  EXPECT_NE(RoutesOf((*a)->model(), batches[steps - 1]), routes[steps - 1]);
+  auto resumed = Trainer::FromCheckpoint(dir, ant);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_EQ((*resumed)->prefetched(), delay);
+  for (int s = 3; s < steps; ++s) {
+    ASSERT_TRUE((*resumed)->Prefetch(batches[s + delay].view()).ok());
+    auto r = (*resumed)->Step(batches[s].view());
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->loss, losses[s]) << "resumed step " << s;
+  }
+  EXPECT_EQ(Trainer::FromCheckpoint(dir, plain).status().code(), absl::StatusCode::kInvalidArgument);
   fs::remove_all(dir);
 }
 

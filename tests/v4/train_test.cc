@@ -108,7 +108,7 @@ struct WeightedCase {
   std::vector<int64_t> tokens, targets;
   std::vector<float> weights;
   int64_t B = 2, T = 13;
-  TokenBatch batch() const { return {tokens, targets, weights, B, T, {}}; }
+  TokenBatch batch() const { return {tokens, targets, weights, B, T, {}, 0.0f}; }
 };
 
 // Random ids; every third position masked, the rest with weights of both signs.
@@ -329,6 +329,87 @@ TEST(V4TrainTest, WeightedLossGradientMatchesFiniteDifferences) {
     ++checked;
   }
   EXPECT_GE(checked, 100);  // of the 109 trainable tensors; a tie may skip a few
+}
+
+}  // namespace
+}  // namespace retort::v4
+
+namespace retort::v4 {
+namespace {
+
+// The sequence-wise balance loss alone (every target masked): linear in its
+// weight, off at 0, and its gradient (router weights and everything upstream)
+// matches central differences away from routing ties.
+TEST(V4TrainTest, SequenceBalanceLossGradientMatchesFiniteDifferences) {
+  auto loaded = Model::Load(kFixtureB);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  auto tensors = HfTensors(**loaded);
+  ASSERT_TRUE(tensors.ok());
+  io::TensorMap map;
+  for (const auto& t : *tensors) map.Add(t.name, t.value);
+  io::V4Config config = (*loaded)->config();
+  config.swiglu_limit = 0;  // smooth (see WeightedLossGradientMatchesFiniteDifferences)
+  auto model = Model::FromTensors(config, map);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const uint64_t seed = 99;
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  WeightedCase c = RandomCase(seed, config.vocab_size);
+  std::fill(c.targets.begin(), c.targets.end(), -1);
+  TokenBatch batch = c.batch();
+  EXPECT_EQ(WeightedTokenLossAndGradients(**model, batch, nullptr)->balance_loss, 0.0);
+  batch.balance_loss_weight = 1.0f;
+  Gradients grads;
+  auto base = WeightedTokenLossAndGradients(**model, batch, &grads);
+  ASSERT_TRUE(base.ok()) << base.status();
+  EXPECT_EQ(base->loss, 0.0);
+  // Near-uniform routing gives about alpha per learned layer and row (3 layers x 2 rows).
+  EXPECT_GT(base->balance_loss, 3.0);
+  EXPECT_LT(base->balance_loss, 20.0);
+  batch.balance_loss_weight = 2.0f;
+  EXPECT_NEAR(WeightedTokenLossAndGradients(**model, batch, nullptr)->balance_loss, 2 * base->balance_loss, 1e-5);
+  batch.balance_loss_weight = 1.0f;
+  const auto base_routes = Routes(**model, c);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  int checked = 0;
+  for (auto& t : *tensors) {
+    const bool wanted = t.name.find("mlp.gate.weight") != std::string::npos ||
+                        t.name == "model.layers.0.self_attn.q_a_proj.weight" ||
+                        t.name == "model.layers.1.ffn_hc.fn" || t.name == "model.embed_tokens.weight";
+    if (!wanted || t.name == "model.layers.0.mlp.gate.weight") continue;  // layer 0 is hash-routed
+    float* p = t.value.mutable_data<float>();
+    const int64_t n = t.value.numel();
+    std::vector<float> v(n), orig(p, p + n);
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(p[i]) * p[i];
+    const float rms = std::max(static_cast<float>(std::sqrt(ss / n)), 1e-2f);
+    for (auto& x : v) x = rms * normal(rng);
+    const std::vector<float>& g = grads.by_name.at(t.name);
+    double analytic = 0;
+    for (int64_t i = 0; i < n; ++i) analytic += static_cast<double>(g[i]) * v[i];
+    float eps = 1e-3f;
+    bool smooth = false;
+    double numeric = 0;
+    for (int tries = 0; tries < 6 && !smooth; ++tries, eps *= 0.5f) {
+      auto loss_at = [&](float s) {
+        for (int64_t i = 0; i < n; ++i) p[i] = orig[i] + s * v[i];
+        smooth = smooth && Routes(**model, c) == base_routes;
+        return WeightedTokenLossAndGradients(**model, batch, nullptr)->balance_loss;
+      };
+      smooth = true;
+      numeric = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps);
+    }
+    std::copy(orig.begin(), orig.end(), p);
+    if (!smooth) continue;
+    EXPECT_NEAR(numeric, analytic, 2e-2 * std::fabs(analytic) + 2e-3)
+        << t.name << ": finite difference " << numeric << ", analytic " << analytic;
+    EXPECT_NE(analytic, 0.0) << t.name;
+    ++checked;
+  }
+  EXPECT_GE(checked, 5);
+  batch.balance_loss_weight = -1.0f;
+  EXPECT_EQ(WeightedTokenLossAndGradients(**model, batch, nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
