@@ -31,7 +31,8 @@ absl::Status Grad() {
   const std::string dir = absl::GetFlag(FLAGS_model);
   const std::string in_path = absl::GetFlag(FLAGS_input), out_path = absl::GetFlag(FLAGS_output);
   if (dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
-  if (in_path.empty() || out_path.empty()) return absl::InvalidArgumentError("--input and --output are required");
+  if (in_path.empty() || out_path.empty())
+    return absl::InvalidArgumentError("--input and --output are required");
   if (absl::GetFlag(FLAGS_threads) > 0)
     setenv("RETORT_NUM_THREADS", std::to_string(absl::GetFlag(FLAGS_threads)).c_str(), 1);
   ASSIGN_OR_RETURN(auto model, v4::Model::Load(dir));
@@ -60,16 +61,19 @@ absl::Status Sft() {
     setenv("RETORT_NUM_THREADS", std::to_string(absl::GetFlag(FLAGS_threads)).c_str(), 1);
   ASSIGN_OR_RETURN(sft::SftOptions options, sft::LoadSftConfig(path));
   ASSIGN_OR_RETURN(sft::SftStepReport last, sft::RunSft(options));
-  std::fprintf(stderr, "sft: %lld steps, final loss %.6f, checkpoint %s/checkpoint, metrics %s/metrics.jsonl\n",
-               static_cast<long long>(last.result.step + 1), last.result.loss, options.output_dir.c_str(),
-               options.output_dir.c_str());
+  std::fprintf(
+      stderr,
+      "sft: %lld steps, final loss %.6f, checkpoint %s/checkpoint, metrics %s/metrics.jsonl\n",
+      static_cast<long long>(last.result.step + 1), last.result.loss, options.output_dir.c_str(),
+      options.output_dir.c_str());
   return absl::OkStatus();
 }
 
 int LearnerMain(const std::vector<std::string>& args) {
   if (args.size() != 1 || args[0] != "sft")
-    return Fail(absl::InvalidArgumentError("usage: retort learner sft --config FILE (GRPO and OPD learners are not "
-                                           "in this build)"));
+    return Fail(absl::InvalidArgumentError(
+        "usage: retort learner sft --config FILE (GRPO and OPD learners are not "
+        "in this build)"));
   absl::Status s = Sft();
   return s.ok() ? 0 : Fail(s);
 }
@@ -77,7 +81,9 @@ int LearnerMain(const std::vector<std::string>& args) {
 }  // namespace
 
 RETORT_COMMAND("learner", "train: learner sft --config FILE", LearnerMain);
-RETORT_COMMAND("grad", "mean next-token loss and every parameter gradient: --model DIR --input IN --output OUT",
-               GradMain);
+RETORT_COMMAND(
+    "grad",
+    "mean next-token loss and every parameter gradient: --model DIR --input IN --output OUT",
+    GradMain);
 
 }  // namespace retort::controller

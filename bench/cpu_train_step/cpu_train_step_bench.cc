@@ -29,7 +29,9 @@ namespace retort {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
 
 double SgemmCeilingGflops() {
   const int n = 1024;
@@ -37,25 +39,53 @@ double SgemmCeilingGflops() {
   double best = 0;
   for (int rep = 0; rep < 4; ++rep) {
     auto t = Clock::now();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a.data(), n, b.data(), n,
+                0.0f, c.data(), n);
     best = std::max(best, 2.0 * n * n * n / Since(t) / 1e9);
   }
   return best;
 }
 
 nlohmann::json BenchConfig() {
-  return {{"model_type", "deepseek_v4"}, {"vocab_size", 8192}, {"hidden_size", 384}, {"num_hidden_layers", 6},
-          {"num_attention_heads", 8}, {"num_key_value_heads", 1}, {"head_dim", 128}, {"qk_rope_head_dim", 32},
-          {"q_lora_rank", 192}, {"o_groups", 4}, {"o_lora_rank", 128}, {"n_routed_experts", 8},
-          {"n_shared_experts", 1}, {"num_experts_per_tok", 2}, {"moe_intermediate_size", 384},
-          {"routed_scaling_factor", 1.5}, {"scoring_func", "sqrtsoftplus"}, {"num_hash_layers", 2},
-          {"swiglu_limit", 10.0}, {"sliding_window", 64}, {"index_n_heads", 8}, {"index_head_dim", 64},
-          {"index_topk", 16}, {"hc_mult", 4}, {"hc_sinkhorn_iters", 20}, {"hc_eps", 1e-6}, {"rms_norm_eps", 1e-6},
-          {"rope_theta", 10000.0}, {"compress_rope_theta", 160000.0},
+  return {{"model_type", "deepseek_v4"},
+          {"vocab_size", 8192},
+          {"hidden_size", 384},
+          {"num_hidden_layers", 6},
+          {"num_attention_heads", 8},
+          {"num_key_value_heads", 1},
+          {"head_dim", 128},
+          {"qk_rope_head_dim", 32},
+          {"q_lora_rank", 192},
+          {"o_groups", 4},
+          {"o_lora_rank", 128},
+          {"n_routed_experts", 8},
+          {"n_shared_experts", 1},
+          {"num_experts_per_tok", 2},
+          {"moe_intermediate_size", 384},
+          {"routed_scaling_factor", 1.5},
+          {"scoring_func", "sqrtsoftplus"},
+          {"num_hash_layers", 2},
+          {"swiglu_limit", 10.0},
+          {"sliding_window", 64},
+          {"index_n_heads", 8},
+          {"index_head_dim", 64},
+          {"index_topk", 16},
+          {"hc_mult", 4},
+          {"hc_sinkhorn_iters", 20},
+          {"hc_eps", 1e-6},
+          {"rms_norm_eps", 1e-6},
+          {"rope_theta", 10000.0},
+          {"compress_rope_theta", 160000.0},
           {"compress_ratios", {0, 4, 128, 4, 128, 0, 0}},
-          {"rope_scaling", {{"type", "yarn"}, {"factor", 16.0}, {"original_max_position_embeddings", 65536},
-                            {"beta_fast", 32.0}, {"beta_slow", 1.0}}},
-          {"max_position_embeddings", 1048576}, {"num_nextn_predict_layers", 0}, {"bos_token_id", 0},
+          {"rope_scaling",
+           {{"type", "yarn"},
+            {"factor", 16.0},
+            {"original_max_position_embeddings", 65536},
+            {"beta_fast", 32.0},
+            {"beta_slow", 1.0}}},
+          {"max_position_embeddings", 1048576},
+          {"num_nextn_predict_layers", 0},
+          {"bos_token_id", 0},
           {"eos_token_id", 1}};
 }
 
@@ -71,10 +101,15 @@ void WriteRandomCheckpoint(const std::string& dir, const nlohmann::json& cfg) {
     for (int64_t k = 0; k < t.numel(); ++k) t.mutable_data<float>()[k] = mean + sd * nd(rng);
     ts.emplace_back(n, t);
   };
-  auto mat = [&](const std::string& n, int64_t o, int64_t i) { f32(n, {o, i}, 0, 1.0f / std::sqrt(float(i))); };
-  const int64_t d = cfg["hidden_size"], V = cfg["vocab_size"], H = cfg["num_attention_heads"], D = cfg["head_dim"];
-  const int64_t dc = cfg["q_lora_rank"], G = cfg["o_groups"], dg = cfg["o_lora_rank"], E = cfg["n_routed_experts"];
-  const int64_t I = cfg["moe_intermediate_size"], Hi = cfg["index_n_heads"], Di = cfg["index_head_dim"];
+  auto mat = [&](const std::string& n, int64_t o, int64_t i) {
+    f32(n, {o, i}, 0, 1.0f / std::sqrt(float(i)));
+  };
+  const int64_t d = cfg["hidden_size"], V = cfg["vocab_size"], H = cfg["num_attention_heads"],
+                D = cfg["head_dim"];
+  const int64_t dc = cfg["q_lora_rank"], G = cfg["o_groups"], dg = cfg["o_lora_rank"],
+                E = cfg["n_routed_experts"];
+  const int64_t I = cfg["moe_intermediate_size"], Hi = cfg["index_n_heads"],
+                Di = cfg["index_head_dim"];
   const int64_t K = cfg["num_experts_per_tok"], nhash = cfg["num_hash_layers"];
   const auto ratios = cfg["compress_ratios"];
   const int L = cfg["num_hidden_layers"];
@@ -147,9 +182,10 @@ int main(int argc, char** argv) {
   using namespace retort;
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   const double ceiling = SgemmCeilingGflops();
-  std::printf("machine: %ld cores; OpenBLAS sgemm 1024^3 ceiling: %.1f GFLOP/s\n", sysconf(_SC_NPROCESSORS_ONLN),
-              ceiling);
-  const std::string dir = std::filesystem::temp_directory_path() / ("retort_train_bench_" + std::to_string(getpid()));
+  std::printf("machine: %ld cores; OpenBLAS sgemm 1024^3 ceiling: %.1f GFLOP/s\n",
+              sysconf(_SC_NPROCESSORS_ONLN), ceiling);
+  const std::string dir =
+      std::filesystem::temp_directory_path() / ("retort_train_bench_" + std::to_string(getpid()));
   WriteRandomCheckpoint(dir, BenchConfig());
   trainer::TrainerOptions options;
   options.optimizer.schedule.peak_lr = 1e-3;
@@ -161,11 +197,12 @@ int main(int argc, char** argv) {
   }
   const v4::Model& m = (*t)->model();
   const auto& c = m.config();
-  const double activated = m.ActivatedParameterCount() - static_cast<double>(c.vocab_size) * c.hidden_size;
-  std::printf("model: %.1fM parameters (%.1fM activated per token, embedding excluded)\n\n", m.ParameterCount() / 1e6,
-              activated / 1e6);
-  std::printf("| %6s | %5s | %10s | %9s | %12s | %10s | %12s |\n", "B x T", "steps", "step s", "tokens/s",
-              "GFLOP/s", "% ceiling", "update s");
+  const double activated =
+      m.ActivatedParameterCount() - static_cast<double>(c.vocab_size) * c.hidden_size;
+  std::printf("model: %.1fM parameters (%.1fM activated per token, embedding excluded)\n\n",
+              m.ParameterCount() / 1e6, activated / 1e6);
+  std::printf("| %6s | %5s | %10s | %9s | %12s | %10s | %12s |\n", "B x T", "steps", "step s",
+              "tokens/s", "GFLOP/s", "% ceiling", "update s");
   std::printf("|%s|\n", std::string(84, '-').c_str());
   std::mt19937_64 rng(3);
   std::uniform_int_distribution<int64_t> tok(2, c.vocab_size - 1);
@@ -188,7 +225,8 @@ int main(int argc, char** argv) {
     double fwd_bwd = 0, total = 0;
     for (int s = 0; s < steps; ++s) {
       auto t0 = Clock::now();
-      auto eval = v4::WeightedTokenLossAndGradients(m, batch, nullptr);  // forward + backward, no update
+      auto eval =
+          v4::WeightedTokenLossAndGradients(m, batch, nullptr);  // forward + backward, no update
       fwd_bwd += Since(t0);
       auto t1 = Clock::now();
       auto r = (*t)->Step(batch);
@@ -197,10 +235,13 @@ int main(int argc, char** argv) {
     }
     const double step_s = total / steps, update_s = (total - fwd_bwd) / steps;
     const double tps = B * T / step_s, gflops = tps * 6.0 * activated / 1e9;
-    std::printf("| %2lldx%-3lld | %5d | %10.3f | %9.1f | %12.2f | %9.1f%% | %12.3f |\n", static_cast<long long>(B),
-                static_cast<long long>(T), steps, step_s, tps, gflops, 100 * gflops / ceiling, update_s);
+    std::printf("| %2lldx%-3lld | %5d | %10.3f | %9.1f | %12.2f | %9.1f%% | %12.3f |\n",
+                static_cast<long long>(B), static_cast<long long>(T), steps, step_s, tps, gflops,
+                100 * gflops / ceiling, update_s);
   }
-  std::printf("\nstep s: Trainer::Step (forward + backward + update); update s: step minus a separately timed\n"
-              "forward + backward of the same batch (the Muon/AdamW update and gradient copies).\n");
+  std::printf(
+      "\nstep s: Trainer::Step (forward + backward + update); update s: step minus a separately "
+      "timed\n"
+      "forward + backward of the same batch (the Muon/AdamW update and gradient copies).\n");
   return 0;
 }

@@ -24,7 +24,8 @@ namespace {
 
 using json = nlohmann::json;
 
-absl::Status UnknownKeys(const json& j, const std::set<std::string>& known, const std::string& where) {
+absl::Status UnknownKeys(const json& j, const std::set<std::string>& known,
+                         const std::string& where) {
   for (auto it = j.begin(); it != j.end(); ++it)
     if (!known.count(it.key()))
       return absl::InvalidArgumentError(absl::StrCat(where, ": unknown field '", it.key(), "'"));
@@ -40,15 +41,18 @@ bool Fits(const json& v, const float*) { return v.is_number(); }
 bool Fits(const json& v, const bool*) { return v.is_boolean(); }
 
 template <typename T>
-absl::Status Read(const json& j, const char* key, const std::string& where, T* out, bool required = false) {
+absl::Status Read(const json& j, const char* key, const std::string& where, T* out,
+                  bool required = false) {
   auto it = j.find(key);
   if (it == j.end()) {
-    if (required) return absl::InvalidArgumentError(absl::StrCat(where, ": missing required field '", key, "'"));
+    if (required)
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": missing required field '", key, "'"));
     return absl::OkStatus();
   }
   if (!Fits(*it, out))
-    return absl::InvalidArgumentError(absl::StrCat(where, ": field '", key, "' has the wrong type (", it->type_name(),
-                                                   ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": field '", key, "' has the wrong type (", it->type_name(), ")"));
   *out = it->get<T>();
   return absl::OkStatus();
 }
@@ -61,17 +65,20 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   return ss.str();
 }
 
-absl::StatusOr<std::vector<int64_t>> Ids(const json& j, const char* key, int64_t vocab, const std::string& where) {
+absl::StatusOr<std::vector<int64_t>> Ids(const json& j, const char* key, int64_t vocab,
+                                         const std::string& where) {
   auto it = j.find(key);
   if (it == j.end() || !it->is_array())
-    return absl::InvalidArgumentError(absl::StrCat(where, ": '", key, "' must be an array of token ids"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": '", key, "' must be an array of token ids"));
   std::vector<int64_t> ids;
   for (const auto& v : *it) {
     if (!v.is_number_integer())
       return absl::InvalidArgumentError(absl::StrCat(where, ": '", key, "' holds a non-integer"));
     const int64_t id = v.get<int64_t>();
     if (id < 0 || id >= vocab)
-      return absl::InvalidArgumentError(absl::StrCat(where, ": '", key, "' id ", id, " is outside 0..", vocab - 1));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": '", key, "' id ", id, " is outside 0..", vocab - 1));
     ids.push_back(id);
   }
   return ids;
@@ -87,24 +94,30 @@ absl::StatusOr<tokenizer::Role> RoleOf(const std::string& r, const std::string& 
 
 // prompt = the conversation before the last assistant turn, rendered with the
 // generation prompt; completion = what the complete rendering adds.
-absl::StatusOr<SftExample> ChatExample(const tokenizer::Tokenizer& tok, const std::vector<tokenizer::Message>& msgs,
-                                       int64_t vocab, const std::string& where) {
+absl::StatusOr<SftExample> ChatExample(const tokenizer::Tokenizer& tok,
+                                       const std::vector<tokenizer::Message>& msgs, int64_t vocab,
+                                       const std::string& where) {
   if (msgs.size() < 2 || msgs.back().role != tokenizer::Role::kAssistant)
-    return absl::InvalidArgumentError(absl::StrCat(where, ": messages must end with an assistant turn after a prompt"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": messages must end with an assistant turn after a prompt"));
   tokenizer::ChatOptions opts;
   std::vector<tokenizer::Message> head(msgs.begin(), msgs.end() - 1);
-  ASSIGN_OR_RETURN(std::vector<tokenizer::TokenId> prompt, tokenizer::RenderChatIds(tok, head, opts));
+  ASSIGN_OR_RETURN(std::vector<tokenizer::TokenId> prompt,
+                   tokenizer::RenderChatIds(tok, head, opts));
   ASSIGN_OR_RETURN(std::vector<tokenizer::TokenId> full, tokenizer::RenderChatIds(tok, msgs, opts));
   if (full.size() <= prompt.size() || !std::equal(prompt.begin(), prompt.end(), full.begin()))
-    return absl::InvalidArgumentError(absl::StrCat(where, ": the rendered prompt is not a prefix of the rendered "
-                                                          "conversation (cannot mask it)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(where,
+                     ": the rendered prompt is not a prefix of the rendered "
+                     "conversation (cannot mask it)"));
   SftExample ex;
   ex.prompt.assign(prompt.begin(), prompt.end());
   ex.completion.assign(full.begin() + prompt.size(), full.end());
   for (int64_t id : full)
     if (id < 0 || id >= vocab)
       return absl::InvalidArgumentError(absl::StrCat(where, ": the tokenizer produced id ", id,
-                                                     ", outside the model's vocabulary 0..", vocab - 1));
+                                                     ", outside the model's vocabulary 0..",
+                                                     vocab - 1));
   return ex;
 }
 
@@ -113,11 +126,14 @@ absl::StatusOr<SftExample> ChatExample(const tokenizer::Tokenizer& tok, const st
 absl::StatusOr<SftOptions> ParseSftConfig(const std::string& text, const std::string& source) {
   json j = json::parse(text, nullptr, false);
   if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
-  if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(source, ": must be a JSON object"));
-  RETURN_IF_ERROR(UnknownKeys(j, {"model", "data", "output_dir", "batch_size", "seq_len", "steps", "checkpoint_every",
-                                  "resume", "seed", "tensorboard", "bias_update_speed", "qat_experts", "balance_loss_weight",
-                                  "anticipatory_routing_delay", "optimizer"},
-                              source));
+  if (!j.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(source, ": must be a JSON object"));
+  RETURN_IF_ERROR(
+      UnknownKeys(j,
+                  {"model", "data", "output_dir", "batch_size", "seq_len", "steps",
+                   "checkpoint_every", "resume", "seed", "tensorboard", "bias_update_speed",
+                   "qat_experts", "balance_loss_weight", "anticipatory_routing_delay", "optimizer"},
+                  source));
   SftOptions o;
   RETURN_IF_ERROR(Read(j, "model", source, &o.model_dir, true));
   RETURN_IF_ERROR(Read(j, "data", source, &o.data_path, true));
@@ -135,17 +151,21 @@ absl::StatusOr<SftOptions> ParseSftConfig(const std::string& text, const std::st
   int64_t delay = o.trainer.anticipatory_routing_delay;
   RETURN_IF_ERROR(Read(j, "anticipatory_routing_delay", source, &delay));
   if (delay < 0 || delay > 1000)
-    return absl::InvalidArgumentError(absl::StrCat(source, ": 'anticipatory_routing_delay' must be in 0..1000, got ",
-                                                   delay));
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": 'anticipatory_routing_delay' must be in 0..1000, got ", delay));
   o.trainer.anticipatory_routing_delay = static_cast<int>(delay);
   if (o.trainer.balance_loss_weight < 0)
     return absl::InvalidArgumentError(absl::StrCat(source, ": 'balance_loss_weight' must be >= 0"));
   if (o.trainer.bias_update_speed < 0)
     return absl::InvalidArgumentError(absl::StrCat(source, ": 'bias_update_speed' must be >= 0"));
-  for (const auto& [name, v] : {std::pair<const char*, int64_t>{"batch_size", o.batch_size}, {"seq_len", o.seq_len},
+  for (const auto& [name, v] : {std::pair<const char*, int64_t>{"batch_size", o.batch_size},
+                                {"seq_len", o.seq_len},
                                 {"steps", o.steps}})
-    if (v <= 0) return absl::InvalidArgumentError(absl::StrCat(source, ": '", name, "' must be positive, got ", v));
-  if (o.seq_len < 2) return absl::InvalidArgumentError(absl::StrCat(source, ": 'seq_len' must be at least 2"));
+    if (v <= 0)
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": '", name, "' must be positive, got ", v));
+  if (o.seq_len < 2)
+    return absl::InvalidArgumentError(absl::StrCat(source, ": 'seq_len' must be at least 2"));
   if (o.checkpoint_every < 0)
     return absl::InvalidArgumentError(absl::StrCat(source, ": 'checkpoint_every' must be >= 0"));
   for (const char* key : {"model", "data", "output_dir"})
@@ -155,16 +175,18 @@ absl::StatusOr<SftOptions> ParseSftConfig(const std::string& text, const std::st
   oc.schedule.total_steps = o.steps;
   if (auto it = j.find("optimizer"); it != j.end()) {
     const std::string where = source + ": optimizer";
-    if (!it->is_object()) return absl::InvalidArgumentError(absl::StrCat(where, " must be an object"));
-    RETURN_IF_ERROR(UnknownKeys(*it, {"schedule", "lr", "final_lr", "warmup_steps", "max_grad_norm", "weight_decay",
-                                      "muon_momentum", "adam_beta1", "adam_beta2"},
+    if (!it->is_object())
+      return absl::InvalidArgumentError(absl::StrCat(where, " must be an object"));
+    RETURN_IF_ERROR(UnknownKeys(*it,
+                                {"schedule", "lr", "final_lr", "warmup_steps", "max_grad_norm",
+                                 "weight_decay", "muon_momentum", "adam_beta1", "adam_beta2"},
                                 where));
     std::string schedule = ScheduleKindName(oc.schedule.kind);
     RETURN_IF_ERROR(Read(*it, "schedule", where, &schedule));
     auto kind = optim::ScheduleKindFromName(schedule);
     if (!kind)
-      return absl::InvalidArgumentError(absl::StrCat(where, ": unknown schedule '", schedule,
-                                                     "' (constant, linear or cosine)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": unknown schedule '", schedule, "' (constant, linear or cosine)"));
     oc.schedule.kind = *kind;
     RETURN_IF_ERROR(Read(*it, "lr", where, &oc.schedule.peak_lr));
     oc.schedule.final_lr = oc.schedule.peak_lr / 10;
@@ -178,7 +200,8 @@ absl::StatusOr<SftOptions> ParseSftConfig(const std::string& text, const std::st
     RETURN_IF_ERROR(Read(*it, "adam_beta1", where, &oc.adamw.beta1));
     RETURN_IF_ERROR(Read(*it, "adam_beta2", where, &oc.adamw.beta2));
   }
-  if (absl::Status s = optim::ValidateSchedule(oc.schedule); !s.ok()) return Annotate(s, source + ": optimizer");
+  if (absl::Status s = optim::ValidateSchedule(oc.schedule); !s.ok())
+    return Annotate(s, source + ": optimizer");
   return o;
 }
 
@@ -187,7 +210,8 @@ absl::StatusOr<SftOptions> LoadSftConfig(const std::string& path) {
   return ParseSftConfig(text, path);
 }
 
-absl::StatusOr<std::vector<SftExample>> ReadSftData(const std::string& path, const tokenizer::Tokenizer* tok,
+absl::StatusOr<std::vector<SftExample>> ReadSftData(const std::string& path,
+                                                    const tokenizer::Tokenizer* tok,
                                                     int64_t vocab) {
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
@@ -203,7 +227,8 @@ absl::StatusOr<std::vector<SftExample>> ReadSftData(const std::string& path, con
       SftExample ex;
       ASSIGN_OR_RETURN(ex.prompt, Ids(j, "prompt_ids", vocab, where));
       ASSIGN_OR_RETURN(ex.completion, Ids(j, "completion_ids", vocab, where));
-      if (ex.completion.empty()) return absl::InvalidArgumentError(absl::StrCat(where, ": 'completion_ids' is empty"));
+      if (ex.completion.empty())
+        return absl::InvalidArgumentError(absl::StrCat(where, ": 'completion_ids' is empty"));
       out.push_back(std::move(ex));
       continue;
     }
@@ -212,14 +237,17 @@ absl::StatusOr<std::vector<SftExample>> ReadSftData(const std::string& path, con
           where, ": a record needs prompt_ids/completion_ids, prompt/completion or messages"));
     if (tok == nullptr)
       return absl::FailedPreconditionError(absl::StrCat(
-          where, ": a text record needs a tokenizer, and the model directory has no tokenizer.json"));
+          where,
+          ": a text record needs a tokenizer, and the model directory has no tokenizer.json"));
     std::vector<tokenizer::Message> msgs;
     if (j.contains("messages")) {
-      if (!j["messages"].is_array()) return absl::InvalidArgumentError(absl::StrCat(where, ": 'messages' must be an array"));
+      if (!j["messages"].is_array())
+        return absl::InvalidArgumentError(absl::StrCat(where, ": 'messages' must be an array"));
       for (const auto& m : j["messages"]) {
-        if (!m.is_object() || !m.contains("role") || !m.contains("content") || !m["role"].is_string() ||
-            !m["content"].is_string())
-          return absl::InvalidArgumentError(absl::StrCat(where, ": each message needs string 'role' and 'content'"));
+        if (!m.is_object() || !m.contains("role") || !m.contains("content") ||
+            !m["role"].is_string() || !m["content"].is_string())
+          return absl::InvalidArgumentError(
+              absl::StrCat(where, ": each message needs string 'role' and 'content'"));
         tokenizer::Message msg;
         ASSIGN_OR_RETURN(msg.role, RoleOf(m["role"].get<std::string>(), where));
         msg.content = m["content"].get<std::string>();
@@ -227,7 +255,8 @@ absl::StatusOr<std::vector<SftExample>> ReadSftData(const std::string& path, con
       }
     } else {
       if (!j["prompt"].is_string() || !j["completion"].is_string())
-        return absl::InvalidArgumentError(absl::StrCat(where, ": 'prompt' and 'completion' must be strings"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ": 'prompt' and 'completion' must be strings"));
       msgs.push_back({tokenizer::Role::kUser, j["prompt"].get<std::string>(), "", {}, ""});
       msgs.push_back({tokenizer::Role::kAssistant, j["completion"].get<std::string>(), "", {}, ""});
     }
@@ -256,7 +285,8 @@ absl::StatusOr<PackedRows> PackExamples(const std::vector<SftExample>& examples,
     const SftExample& ex = examples[i];
     const int64_t len = static_cast<int64_t>(ex.prompt.size() + ex.completion.size());
     if (len > T)
-      return absl::InvalidArgumentError(absl::StrCat("example ", i, " has ", len, " tokens, more than seq_len ", T));
+      return absl::InvalidArgumentError(
+          absl::StrCat("example ", i, " has ", len, " tokens, more than seq_len ", T));
     if (static_cast<int64_t>(tok.size()) + len > T) flush();
     // Position p (this example's k-th token) predicts token k+1 when that is a completion token.
     const int64_t P = static_cast<int64_t>(ex.prompt.size());
@@ -295,7 +325,8 @@ SftBatch MakeBatch(const PackedRows& rows, int64_t batch_size, int64_t position,
   return b;
 }
 
-absl::StatusOr<SftStepReport> RunSft(const SftOptions& o, const std::function<void(const SftStepReport&)>& on_step) {
+absl::StatusOr<SftStepReport> RunSft(const SftOptions& o,
+                                     const std::function<void(const SftStepReport&)>& on_step) {
   namespace fs = std::filesystem;
   std::error_code ec;
   fs::create_directories(o.output_dir, ec);
@@ -311,7 +342,8 @@ absl::StatusOr<SftStepReport> RunSft(const SftOptions& o, const std::function<vo
   if (fs::exists(o.model_dir + "/tokenizer.json")) {
     ASSIGN_OR_RETURN(tok, tokenizer::Tokenizer::LoadDir(o.model_dir));
   }
-  ASSIGN_OR_RETURN(std::vector<SftExample> examples, ReadSftData(o.data_path, tok.get(), t->model().config().vocab_size));
+  ASSIGN_OR_RETURN(std::vector<SftExample> examples,
+                   ReadSftData(o.data_path, tok.get(), t->model().config().vocab_size));
   auto packed = PackExamples(examples, o.seq_len);
   if (!packed.ok()) return Annotate(packed.status(), o.data_path);
   const std::string metrics_path = o.output_dir + "/metrics.jsonl";
@@ -328,15 +360,18 @@ absl::StatusOr<SftStepReport> RunSft(const SftOptions& o, const std::function<vo
   SftStepReport report;
   report.total_steps = o.steps;
   if (first >= o.steps)
-    return absl::FailedPreconditionError(absl::StrCat(ckpt, " is at step ", first, ", not before 'steps' ", o.steps));
+    return absl::FailedPreconditionError(
+        absl::StrCat(ckpt, " is at step ", first, ", not before 'steps' ", o.steps));
   // Anticipatory routing: batch p is prefetched (routed) before the update of
   // step p - delay; a resumed trainer brings its queue from the checkpoint.
   const int64_t delay = o.trainer.anticipatory_routing_delay;
-  for (int64_t p = t->data_position() + t->prefetched(); delay > 0 && p < t->data_position() + delay; ++p)
+  for (int64_t p = t->data_position() + t->prefetched();
+       delay > 0 && p < t->data_position() + delay; ++p)
     RETURN_IF_ERROR(t->Prefetch(MakeBatch(*packed, o.batch_size, p, o.trainer.seed).view()));
   while (t->step() < o.steps) {
     if (delay > 0)
-      RETURN_IF_ERROR(t->Prefetch(MakeBatch(*packed, o.batch_size, t->data_position() + delay, o.trainer.seed).view()));
+      RETURN_IF_ERROR(t->Prefetch(
+          MakeBatch(*packed, o.batch_size, t->data_position() + delay, o.trainer.seed).view()));
     const SftBatch batch = MakeBatch(*packed, o.batch_size, t->data_position(), o.trainer.seed);
     auto r = t->Step(batch.view());
     if (!r.ok()) return Annotate(r.status(), absl::StrCat("sft step ", t->step()));
@@ -346,20 +381,28 @@ absl::StatusOr<SftStepReport> RunSft(const SftOptions& o, const std::function<vo
     report.elapsed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     report.tokens_per_s = report.elapsed_s > 0 ? tokens_done / report.elapsed_s : 0;
     const int64_t done = r->step + 1;
-    const double eta = report.elapsed_s / static_cast<double>(done - first) * static_cast<double>(o.steps - done);
-    json line = {{"step", done},          {"loss", r->loss},           {"balance_loss", r->balance_loss}, {"lr", r->lr},
-                 {"grad_norm", r->grad_norm}, {"clip_scale", r->clip_scale}, {"scored_tokens", r->tokens},
-                 {"tokens_per_s", report.tokens_per_s}, {"elapsed_s", report.elapsed_s}};
+    const double eta =
+        report.elapsed_s / static_cast<double>(done - first) * static_cast<double>(o.steps - done);
+    json line = {{"step", done},
+                 {"loss", r->loss},
+                 {"balance_loss", r->balance_loss},
+                 {"lr", r->lr},
+                 {"grad_norm", r->grad_norm},
+                 {"clip_scale", r->clip_scale},
+                 {"scored_tokens", r->tokens},
+                 {"tokens_per_s", report.tokens_per_s},
+                 {"elapsed_s", report.elapsed_s}};
     metrics << line.dump() << "\n";
     metrics.flush();
     if (events)
-      RETURN_IF_ERROR(events->WriteScalars(done, {{"train/loss", static_cast<float>(r->loss)},
-                                                  {"train/lr", static_cast<float>(r->lr)},
-                                                  {"train/grad_norm", static_cast<float>(r->grad_norm)},
-                                                  {"train/tokens_per_s", static_cast<float>(report.tokens_per_s)}}));
-    std::fprintf(stderr, "%ssft step %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s  ETA %.0fs%s", tty ? "\r" : "",
-                 static_cast<long long>(done), static_cast<long long>(o.steps), r->loss, r->lr, report.tokens_per_s,
-                 eta, tty && done != o.steps ? "   " : "\n");
+      RETURN_IF_ERROR(events->WriteScalars(
+          done, {{"train/loss", static_cast<float>(r->loss)},
+                 {"train/lr", static_cast<float>(r->lr)},
+                 {"train/grad_norm", static_cast<float>(r->grad_norm)},
+                 {"train/tokens_per_s", static_cast<float>(report.tokens_per_s)}}));
+    std::fprintf(stderr, "%ssft step %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s  ETA %.0fs%s",
+                 tty ? "\r" : "", static_cast<long long>(done), static_cast<long long>(o.steps),
+                 r->loss, r->lr, report.tokens_per_s, eta, tty && done != o.steps ? "   " : "\n");
     if (on_step) on_step(report);
     if ((o.checkpoint_every > 0 && done % o.checkpoint_every == 0) || done == o.steps)
       RETURN_IF_ERROR(t->SaveCheckpoint(ckpt));

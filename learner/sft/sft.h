@@ -49,18 +49,20 @@ struct SftOptions {
   std::string model_dir;
   std::string data_path;
   std::string output_dir;
-  int64_t batch_size = 4;        // rows per step. Default: 4
-  int64_t seq_len = 128;         // tokens per row. Default: 128
-  int64_t steps = 100;           // updates to run in total (a resumed run counts earlier ones). Default: 100
+  int64_t batch_size = 4;  // rows per step. Default: 4
+  int64_t seq_len = 128;   // tokens per row. Default: 128
+  int64_t steps = 100;  // updates to run in total (a resumed run counts earlier ones). Default: 100
   int64_t checkpoint_every = 0;  // steps between checkpoints; 0: only at the end. Default: 0
   bool resume = false;           // continue from <output_dir>/checkpoint. Default: false
-  bool tensorboard = true;       // scalars to <output_dir>/tensorboard/events.out.tfevents.*. Default: true
+  bool tensorboard =
+      true;  // scalars to <output_dir>/tensorboard/events.out.tfevents.*. Default: true
   trainer::TrainerOptions trainer;
 };
 
 // Parses and validates a config (see the header comment); `source` names it
 // in errors. Relative paths stay relative to the working directory.
-[[nodiscard]] absl::StatusOr<SftOptions> ParseSftConfig(const std::string& json_text, const std::string& source);
+[[nodiscard]] absl::StatusOr<SftOptions> ParseSftConfig(const std::string& json_text,
+                                                        const std::string& source);
 [[nodiscard]] absl::StatusOr<SftOptions> LoadSftConfig(const std::string& path);
 
 struct SftExample {
@@ -70,16 +72,16 @@ struct SftExample {
 
 // Reads `path` (JSONL). `tokenizer` may be null, in which case only id records
 // are accepted. Ids must lie in [0, vocab_size). Errors name path:line.
-[[nodiscard]] absl::StatusOr<std::vector<SftExample>> ReadSftData(const std::string& path,
-                                                                  const tokenizer::Tokenizer* tokenizer,
-                                                                  int64_t vocab_size);
+[[nodiscard]] absl::StatusOr<std::vector<SftExample>> ReadSftData(
+    const std::string& path, const tokenizer::Tokenizer* tokenizer, int64_t vocab_size);
 
 // Rows of `seq_len` tokens with per-position targets (-1: not scored).
 struct PackedRows {
   int64_t seq_len = 0;
   std::vector<std::vector<int64_t>> tokens, targets;
 };
-[[nodiscard]] absl::StatusOr<PackedRows> PackExamples(const std::vector<SftExample>& examples, int64_t seq_len);
+[[nodiscard]] absl::StatusOr<PackedRows> PackExamples(const std::vector<SftExample>& examples,
+                                                      int64_t seq_len);
 
 // The batch of data position `position` (0-based): rows of the per-epoch
 // permutation, targets weighted 1/(scored positions in the batch).
@@ -102,8 +104,8 @@ struct SftStepReport {
 // (appended on resume) and, with `tensorboard`, to a new event file; a
 // progress line to stderr; and `on_step` (when set)
 // sees every report. Returns the last step's report.
-[[nodiscard]] absl::StatusOr<SftStepReport> RunSft(const SftOptions& options,
-                                                   const std::function<void(const SftStepReport&)>& on_step = {});
+[[nodiscard]] absl::StatusOr<SftStepReport> RunSft(
+    const SftOptions& options, const std::function<void(const SftStepReport&)>& on_step = {});
 
 }  // namespace retort::sft
 

@@ -19,7 +19,8 @@ std::array<uint32_t, 256> MakeTable() {
   std::array<uint32_t, 256> t{};
   for (uint32_t i = 0; i < 256; ++i) {
     uint32_t c = i;
-    for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82f63b78u : c >> 1;  // reflected Castagnoli
+    for (int k = 0; k < 8; ++k)
+      c = (c & 1) ? (c >> 1) ^ 0x82f63b78u : c >> 1;  // reflected Castagnoli
     t[i] = c;
   }
   return t;
@@ -60,7 +61,8 @@ std::string TfRecordFrame(absl::string_view record) {
   return out;
 }
 
-absl::StatusOr<std::vector<std::string>> ReadTfRecords(absl::string_view bytes, const std::string& source) {
+absl::StatusOr<std::vector<std::string>> ReadTfRecords(absl::string_view bytes,
+                                                       const std::string& source) {
   std::vector<std::string> out;
   size_t pos = 0;
   while (pos < bytes.size()) {
@@ -88,9 +90,11 @@ absl::StatusOr<std::unique_ptr<EventWriter>> EventWriter::Create(const std::stri
   char host[256] = "localhost";
   gethostname(host, sizeof(host) - 1);
   std::unique_ptr<EventWriter> w(new EventWriter());
-  w->path_ = absl::StrCat(dir, "/events.out.tfevents.", static_cast<int64_t>(Now()), ".", host, ".", getpid());
+  w->path_ = absl::StrCat(dir, "/events.out.tfevents.", static_cast<int64_t>(Now()), ".", host, ".",
+                          getpid());
   w->file_ = std::fopen(w->path_.c_str(), "wb");
-  if (w->file_ == nullptr) return absl::InternalError(absl::StrCat("creating ", w->path_, ": ", std::strerror(errno)));
+  if (w->file_ == nullptr)
+    return absl::InternalError(absl::StrCat("creating ", w->path_, ": ", std::strerror(errno)));
   retort::v1::Event first;
   first.set_wall_time(Now());
   first.set_file_version("brain.Event:2");
@@ -109,7 +113,8 @@ absl::Status EventWriter::Append(const std::string& record) {
   return absl::OkStatus();
 }
 
-absl::Status EventWriter::WriteScalars(int64_t step, const std::vector<std::pair<std::string, float>>& scalars) {
+absl::Status EventWriter::WriteScalars(int64_t step,
+                                       const std::vector<std::pair<std::string, float>>& scalars) {
   retort::v1::Event e;
   e.set_wall_time(Now());
   e.set_step(step);

@@ -45,7 +45,8 @@ class EventWriter {
   EventWriter& operator=(const EventWriter&) = delete;
 
   // Appends one Event at `step` holding every (tag, value) as a simple_value.
-  [[nodiscard]] absl::Status WriteScalars(int64_t step, const std::vector<std::pair<std::string, float>>& scalars);
+  [[nodiscard]] absl::Status WriteScalars(
+      int64_t step, const std::vector<std::pair<std::string, float>>& scalars);
   const std::string& path() const { return path_; }
 
  private:

@@ -5,10 +5,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -70,13 +70,15 @@ Tensor Scalar(int64_t v) { return Tensor::FromI64({v}, {1}); }
 absl::StatusOr<int64_t> ReadScalar(const io::SafetensorsFile& f, const std::string& name) {
   ASSIGN_OR_RETURN(Tensor t, f.Get(name));
   if (t.dtype() != DType::kI64 || t.numel() != 1)
-    return absl::InvalidArgumentError(absl::StrCat(f.path(), ": '", name, "' must be i64 [1], got ", t.DebugString()));
+    return absl::InvalidArgumentError(
+        absl::StrCat(f.path(), ": '", name, "' must be i64 [1], got ", t.DebugString()));
   return t.data<int64_t>()[0];
 }
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Build(const std::string& dir, TrainerOptions options) {
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Build(const std::string& dir,
+                                                        TrainerOptions options) {
   std::unique_ptr<Trainer> t(new Trainer());
   ASSIGN_OR_RETURN(t->config_json_, ReadText(dir + "/config.json"));
   ASSIGN_OR_RETURN(io::V4Config config, io::ParseV4Config(t->config_json_, dir + "/config.json"));
@@ -92,16 +94,17 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Build(const std::string& dir, 
     return absl::InvalidArgumentError(absl::StrCat("anticipatory_routing_delay must be >= 0, got ",
                                                    options.anticipatory_routing_delay));
   if (!(options.balance_loss_weight >= 0) || !std::isfinite(options.balance_loss_weight))
-    return absl::InvalidArgumentError(absl::StrCat("balance_loss_weight must be finite and >= 0, got ",
-                                                   options.balance_loss_weight));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "balance_loss_weight must be finite and >= 0, got ", options.balance_loss_weight));
   if (options.bias_update_speed < 0 || !std::isfinite(options.bias_update_speed))
-    return absl::InvalidArgumentError(absl::StrCat("bias_update_speed must be finite and >= 0, got ",
-                                                   options.bias_update_speed));
+    return absl::InvalidArgumentError(
+        absl::StrCat("bias_update_speed must be finite and >= 0, got ", options.bias_update_speed));
   t->router_bias_.resize(config.num_layers);
   std::vector<optim::Parameter> params;
   for (const auto& nt : t->tensors_) {
     for (int l = 0; l < config.num_layers; ++l)
-      if (nt.name == absl::StrCat("model.layers.", l, ".mlp.gate.e_score_correction_bias")) t->router_bias_[l] = nt.value;
+      if (nt.name == absl::StrCat("model.layers.", l, ".mlp.gate.e_score_correction_bias"))
+        t->router_bias_[l] = nt.value;
     if (!nt.trainable) continue;
     Tensor g = Tensor::Zeros(DType::kF32, nt.value.shape());
     t->grads_[nt.name] = g;
@@ -120,15 +123,19 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Build(const std::string& dir, 
   return t;
 }
 
-absl::StatusOr<std::unique_ptr<Trainer>> Trainer::FromModelDir(const std::string& dir, TrainerOptions options) {
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::FromModelDir(const std::string& dir,
+                                                               TrainerOptions options) {
   return Build(dir, std::move(options));
 }
 
-absl::StatusOr<std::unique_ptr<Trainer>> Trainer::FromCheckpoint(const std::string& dir, TrainerOptions options) {
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::FromCheckpoint(const std::string& dir,
+                                                                 TrainerOptions options) {
   const std::string state_path = dir + "/" + kStateFile;
   if (!std::filesystem::exists(state_path))
-    return absl::NotFoundError(absl::StrCat(state_path, ": no trainer state (not a checkpoint SaveCheckpoint wrote)"));
-  ASSIGN_OR_RETURN(std::shared_ptr<io::SafetensorsFile> state, io::SafetensorsFile::Open(state_path));
+    return absl::NotFoundError(
+        absl::StrCat(state_path, ": no trainer state (not a checkpoint SaveCheckpoint wrote)"));
+  ASSIGN_OR_RETURN(std::shared_ptr<io::SafetensorsFile> state,
+                   io::SafetensorsFile::Open(state_path));
   auto built = Build(dir, std::move(options));
   if (!built.ok()) return Annotate(built.status(), absl::StrCat("loading checkpoint ", dir));
   std::unique_ptr<Trainer> t = std::move(built).value();
@@ -138,11 +145,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::FromCheckpoint(const std::stri
     ASSIGN_OR_RETURN(Tensor v, state->Get(name));
     optim_state[name] = v.Clone();
   }
-  if (absl::Status s = t->optimizer_->LoadState(optim_state); !s.ok()) return Annotate(s, state_path);
+  if (absl::Status s = t->optimizer_->LoadState(optim_state); !s.ok())
+    return Annotate(s, state_path);
   ASSIGN_OR_RETURN(int64_t step, ReadScalar(*state, "trainer.step"));
   if (step != t->optimizer_->step())
-    return absl::DataLossError(absl::StrCat(state_path, ": trainer.step ", step, " disagrees with optim.step ",
-                                            t->optimizer_->step()));
+    return absl::DataLossError(absl::StrCat(state_path, ": trainer.step ", step,
+                                            " disagrees with optim.step ", t->optimizer_->step()));
   ASSIGN_OR_RETURN(int64_t rng, ReadScalar(*state, "trainer.rng"));
   t->rng_state_ = static_cast<uint64_t>(rng);
   ASSIGN_OR_RETURN(t->data_position_, ReadScalar(*state, "trainer.data_position"));
@@ -151,24 +159,28 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::FromCheckpoint(const std::stri
     const std::string tn = absl::StrCat("trainer.prefetch.", i, ".tokens");
     const std::string rn = absl::StrCat("trainer.prefetch.", i, ".routes");
     if (!state->Has(tn)) {
-      if (state->Has(rn)) return absl::DataLossError(absl::StrCat(state_path, ": '", rn, "' without '", tn, "'"));
+      if (state->Has(rn))
+        return absl::DataLossError(absl::StrCat(state_path, ": '", rn, "' without '", tn, "'"));
       break;
     }
     if (t->options_.anticipatory_routing_delay <= 0)
-      return absl::InvalidArgumentError(absl::StrCat(state_path, ": holds anticipatory routes but the options turn "
-                                                                 "anticipatory routing off"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(state_path,
+                       ": holds anticipatory routes but the options turn "
+                       "anticipatory routing off"));
     ASSIGN_OR_RETURN(Tensor tokens, state->Get(tn));
     ASSIGN_OR_RETURN(Tensor routes, state->Get(rn));
     if (tokens.dtype() != DType::kI64 || tokens.rank() != 2)
-      return absl::InvalidArgumentError(absl::StrCat(state_path, ": '", tn, "' must be i64 [B, T], got ",
-                                                     tokens.DebugString()));
+      return absl::InvalidArgumentError(
+          absl::StrCat(state_path, ": '", tn, "' must be i64 [B, T], got ", tokens.DebugString()));
     Prefetched p;
     p.B = tokens.dim(0);
     p.T = tokens.dim(1);
     const Shape want = {c.num_layers, p.B, p.T, c.experts_per_token};
     if (routes.dtype() != DType::kI32 || routes.shape() != want)
-      return absl::InvalidArgumentError(absl::StrCat(state_path, ": '", rn, "' must be i32 ", ShapeString(want),
-                                                     ", got ", routes.DebugString()));
+      return absl::InvalidArgumentError(absl::StrCat(state_path, ": '", rn, "' must be i32 ",
+                                                     ShapeString(want), ", got ",
+                                                     routes.DebugString()));
     p.tokens.assign(tokens.data<int64_t>(), tokens.data<int64_t>() + tokens.numel());
     p.routes.assign(routes.data<int32_t>(), routes.data<int32_t>() + routes.numel());
     for (int32_t e : p.routes)
@@ -236,7 +248,8 @@ absl::StatusOr<v4::WeightedLoss> Trainer::Evaluate(const v4::TokenBatch& batch) 
 
 absl::Status Trainer::Prefetch(const v4::TokenBatch& batch) {
   if (options_.anticipatory_routing_delay <= 0)
-    return absl::FailedPreconditionError("Prefetch: anticipatory routing is off (anticipatory_routing_delay = 0)");
+    return absl::FailedPreconditionError(
+        "Prefetch: anticipatory routing is off (anticipatory_routing_delay = 0)");
   const auto& c = model_->config();
   const int64_t B = batch.B, T = batch.T, K = c.experts_per_token;
   if (B <= 0 || T <= 0 || static_cast<int64_t>(batch.tokens.size()) != B * T)
@@ -254,7 +267,8 @@ absl::Status Trainer::Prefetch(const v4::TokenBatch& batch) {
     std::vector<v4::Model::Chunk> chunk = {{state.get(), batch.tokens.subspan(b * T, T)}};
     RETURN_IF_ERROR(model_->Step(chunk, &out).status());
     for (int l = 0; l < c.num_layers; ++l)
-      std::copy(out.routes[l].begin(), out.routes[l].end(), p.routes.begin() + ((l * B + b) * T) * K);
+      std::copy(out.routes[l].begin(), out.routes[l].end(),
+                p.routes.begin() + ((l * B + b) * T) * K);
   }
   prefetched_.push_back(std::move(p));
   return absl::OkStatus();
@@ -266,15 +280,17 @@ absl::StatusOr<StepResult> Trainer::Step(const v4::TokenBatch& input) {
   std::vector<int32_t> routes;
   if (options_.anticipatory_routing_delay > 0) {
     if (prefetched_.empty())
-      return absl::FailedPreconditionError(absl::StrCat(
-          "step ", step(), ": anticipatory routing needs this batch Prefetch()ed ",
-          options_.anticipatory_routing_delay, " steps earlier; nothing is queued"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("step ", step(), ": anticipatory routing needs this batch Prefetch()ed ",
+                       options_.anticipatory_routing_delay, " steps earlier; nothing is queued"));
     Prefetched& p = prefetched_.front();
-    if (p.B != batch.B || p.T != batch.T || !std::equal(p.tokens.begin(), p.tokens.end(), batch.tokens.begin(),
-                                                        batch.tokens.end()))
-      return absl::FailedPreconditionError(absl::StrCat("step ", step(), ": the batch is not the one Prefetch()ed for it"));
+    if (p.B != batch.B || p.T != batch.T ||
+        !std::equal(p.tokens.begin(), p.tokens.end(), batch.tokens.begin(), batch.tokens.end()))
+      return absl::FailedPreconditionError(
+          absl::StrCat("step ", step(), ": the batch is not the one Prefetch()ed for it"));
     if (!input.replay_routes.empty())
-      return absl::InvalidArgumentError("a batch with replay_routes cannot also use anticipatory routing");
+      return absl::InvalidArgumentError(
+          "a batch with replay_routes cannot also use anticipatory routing");
     routes = std::move(p.routes);
     batch.replay_routes = routes;
   }
@@ -284,7 +300,8 @@ absl::StatusOr<StepResult> Trainer::Step(const v4::TokenBatch& input) {
   if (!std::isfinite(wl.loss))
     return absl::FailedPreconditionError(absl::StrCat("step ", step(), ": loss is ", wl.loss));
   // A tied head has no tensor of its own: its gradient is the embedding's.
-  if (auto it = g.by_name.find("lm_head.weight"); it != g.by_name.end() && !grads_.count("lm_head.weight")) {
+  if (auto it = g.by_name.find("lm_head.weight");
+      it != g.by_name.end() && !grads_.count("lm_head.weight")) {
     auto& emb = g.by_name["model.embed_tokens.weight"];
     if (emb.empty()) emb.assign(it->second.size(), 0.0f);
     for (size_t i = 0; i < emb.size(); ++i) emb[i] += it->second[i];
@@ -331,7 +348,8 @@ absl::Status Trainer::SaveCheckpoint(const std::string& dir) const {
     auto it = masters_.find(nt.name);  // QAT: the fp32 masters, not their round trip
     model_tensors.emplace_back(nt.name, it == masters_.end() ? nt.value : it->second);
   }
-  RETURN_IF_ERROR(io::WriteSafetensors(tmp + "/model.safetensors", model_tensors, {{"format", "pt"}}));
+  RETURN_IF_ERROR(
+      io::WriteSafetensors(tmp + "/model.safetensors", model_tensors, {{"format", "pt"}}));
   std::vector<std::pair<std::string, Tensor>> state;
   for (auto& [name, t] : optimizer_->SaveState()) state.emplace_back(name, t);
   state.emplace_back("trainer.step", Scalar(optimizer_->step()));
@@ -340,10 +358,13 @@ absl::Status Trainer::SaveCheckpoint(const std::string& dir) const {
   const int64_t L = model_->config().num_layers, K = model_->config().experts_per_token;
   for (size_t i = 0; i < prefetched_.size(); ++i) {
     const Prefetched& p = prefetched_[i];
-    state.emplace_back(absl::StrCat("trainer.prefetch.", i, ".tokens"), Tensor::FromI64(p.tokens, {p.B, p.T}));
-    state.emplace_back(absl::StrCat("trainer.prefetch.", i, ".routes"), Tensor::FromI32(p.routes, {L, p.B, p.T, K}));
+    state.emplace_back(absl::StrCat("trainer.prefetch.", i, ".tokens"),
+                       Tensor::FromI64(p.tokens, {p.B, p.T}));
+    state.emplace_back(absl::StrCat("trainer.prefetch.", i, ".routes"),
+                       Tensor::FromI32(p.routes, {L, p.B, p.T, K}));
   }
-  RETURN_IF_ERROR(io::WriteSafetensors(tmp + "/" + kStateFile, state, {{"producer", "retort trainer"}}));
+  RETURN_IF_ERROR(
+      io::WriteSafetensors(tmp + "/" + kStateFile, state, {{"producer", "retort trainer"}}));
   RETURN_IF_ERROR(FsyncPath(tmp, true));
   const std::string old = absl::StrCat(d, ".old-", getpid());
   const bool had_old = fs::exists(final_path);

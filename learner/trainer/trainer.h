@@ -70,12 +70,12 @@ struct TrainerOptions {
 void QuantizeMxFp4Rows(float* w, int64_t rows, int64_t cols);
 
 struct StepResult {
-  int64_t step = 0;       // index of the update just applied (0-based)
-  double loss = 0;        // WeightedLoss::loss of the batch, before the update
+  int64_t step = 0;  // index of the update just applied (0-based)
+  double loss = 0;   // WeightedLoss::loss of the batch, before the update
   double lr = 0;
-  double grad_norm = 0;   // global L2 norm before clipping
+  double grad_norm = 0;  // global L2 norm before clipping
   double clip_scale = 1;
-  int64_t tokens = 0;     // unmasked target positions in the batch
+  int64_t tokens = 0;       // unmasked target positions in the batch
   double balance_loss = 0;  // sequence-wise balance loss (0 when off)
 };
 
@@ -83,15 +83,15 @@ class Trainer {
  public:
   // Starts from a model directory (config.json + safetensors, any layout the
   // loader reads; MXFP4-packed experts are Unimplemented: no fp32 masters).
-  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Trainer>> FromModelDir(const std::string& dir,
-                                                                             TrainerOptions options);
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Trainer>> FromModelDir(
+      const std::string& dir, TrainerOptions options);
   // Resumes from a checkpoint SaveCheckpoint wrote. A missing, truncated or
   // corrupt file is NotFound / DataLoss / InvalidArgument naming the file;
   // optimizer state that does not fit the model's parameters is an error.
   // `options` must describe the same run (groups and hyper-parameters are
   // not stored); the step, RNG and data position come from the checkpoint.
-  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Trainer>> FromCheckpoint(const std::string& dir,
-                                                                               TrainerOptions options);
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Trainer>> FromCheckpoint(
+      const std::string& dir, TrainerOptions options);
 
   // One update on `batch` (see v4::TokenBatch; the weights carry the loss
   // normalisation). A non-finite loss or gradient norm is FailedPrecondition
@@ -119,12 +119,13 @@ class Trainer {
 
  private:
   Trainer() = default;
-  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Trainer>> Build(const std::string& dir, TrainerOptions options);
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Trainer>> Build(const std::string& dir,
+                                                                      TrainerOptions options);
 
-  std::string config_json_;                // config.json text of the source directory
-  std::vector<v4::NamedTensor> tensors_;   // every model tensor; the model views them
-  std::map<std::string, Tensor> grads_;    // trainable name -> gradient
-  std::vector<Tensor> router_bias_;        // per layer: e_score_correction_bias (undefined: hash layer)
+  std::string config_json_;               // config.json text of the source directory
+  std::vector<v4::NamedTensor> tensors_;  // every model tensor; the model views them
+  std::map<std::string, Tensor> grads_;   // trainable name -> gradient
+  std::vector<Tensor> router_bias_;  // per layer: e_score_correction_bias (undefined: hash layer)
   // QAT: expert tensor name -> fp32 master (the optimizer's parameter); the
   // model's own tensor holds the master's MXFP4 round trip.
   std::map<std::string, Tensor> masters_;

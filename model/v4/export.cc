@@ -44,7 +44,8 @@ absl::StatusOr<std::vector<NamedTensor>> HfTensors(const Model& model) {
   for (const auto& l : W.layers)
     for (const auto& e : l.moe.experts)
       if (e.w1.mxfp4 || e.w2.mxfp4 || e.w3.mxfp4)
-        return absl::UnimplementedError("exporting fp32 parameters: this model has MXFP4-packed experts");
+        return absl::UnimplementedError(
+            "exporting fp32 parameters: this model has MXFP4-packed experts");
   std::vector<NamedTensor> out;
   Exporter x(&out);
   x.Add("model.embed_tokens.weight", W.embed);
@@ -78,15 +79,21 @@ absl::StatusOr<std::vector<NamedTensor>> HfTensors(const Model& model) {
     const Moe& m = L.moe;
     const std::string hm = h + "mlp.";
     x.Add(hm + "gate.weight", m.gate);
-    if (m.hash_routed) x.Add(hm + "gate.tid2eid", m.tid2eid, false);
-    else x.Add(hm + "gate.e_score_correction_bias", m.bias, false);
+    if (m.hash_routed)
+      x.Add(hm + "gate.tid2eid", m.tid2eid, false);
+    else
+      x.Add(hm + "gate.e_score_correction_bias", m.bias, false);
     const int64_t E = c.n_routed_experts, I = c.moe_intermediate, d = c.hidden_size;
-    Tensor gu = Tensor::Zeros(DType::kF32, {E, 2 * I, d}), down = Tensor::Zeros(DType::kF32, {E, d, I});
+    Tensor gu = Tensor::Zeros(DType::kF32, {E, 2 * I, d}),
+           down = Tensor::Zeros(DType::kF32, {E, d, I});
     for (int64_t e = 0; e < E; ++e) {
       const Expert& ex = m.experts[e];
-      std::memcpy(gu.mutable_data<float>() + e * 2 * I * d, ex.w1.weight.data<float>(), I * d * sizeof(float));
-      std::memcpy(gu.mutable_data<float>() + (e * 2 * I + I) * d, ex.w3.weight.data<float>(), I * d * sizeof(float));
-      std::memcpy(down.mutable_data<float>() + e * d * I, ex.w2.weight.data<float>(), d * I * sizeof(float));
+      std::memcpy(gu.mutable_data<float>() + e * 2 * I * d, ex.w1.weight.data<float>(),
+                  I * d * sizeof(float));
+      std::memcpy(gu.mutable_data<float>() + (e * 2 * I + I) * d, ex.w3.weight.data<float>(),
+                  I * d * sizeof(float));
+      std::memcpy(down.mutable_data<float>() + e * d * I, ex.w2.weight.data<float>(),
+                  d * I * sizeof(float));
     }
     out.push_back({hm + "experts.gate_up_proj", gu, true});
     out.push_back({hm + "experts.down_proj", down, true});
@@ -99,7 +106,8 @@ absl::StatusOr<std::vector<NamedTensor>> HfTensors(const Model& model) {
   x.Hc("model.hc_head.", W.hc_head, true);
   x.Add("model.norm.weight", W.norm);
   // A tied head is the embedding: it has no tensor of its own.
-  if (!c.tie_word_embeddings || W.head.weight.raw() != W.embed.raw()) x.Add("lm_head.weight", W.head);
+  if (!c.tie_word_embeddings || W.head.weight.raw() != W.embed.raw())
+    x.Add("lm_head.weight", W.head);
   return out;
 }
 
@@ -107,14 +115,17 @@ absl::StatusOr<std::vector<NamedTensor>> HfTensors(const Model& model) {
 
 namespace retort::v4 {
 
-absl::StatusOr<std::vector<std::pair<std::string, Tensor>>> LossAndGradientTensors(const Model& model,
-                                                                                   const Tensor& input_ids) {
-  if ((input_ids.dtype() != DType::kI64 && input_ids.dtype() != DType::kI32) || input_ids.rank() != 2)
-    return absl::InvalidArgumentError(absl::StrCat("input_ids must be int64 [B, T], got ", input_ids.DebugString()));
+absl::StatusOr<std::vector<std::pair<std::string, Tensor>>> LossAndGradientTensors(
+    const Model& model, const Tensor& input_ids) {
+  if ((input_ids.dtype() != DType::kI64 && input_ids.dtype() != DType::kI32) ||
+      input_ids.rank() != 2)
+    return absl::InvalidArgumentError(
+        absl::StrCat("input_ids must be int64 [B, T], got ", input_ids.DebugString()));
   const int64_t B = input_ids.dim(0), T = input_ids.dim(1);
   std::vector<int64_t> tokens(B * T);
   for (int64_t i = 0; i < B * T; ++i)
-    tokens[i] = input_ids.dtype() == DType::kI64 ? input_ids.data<int64_t>()[i] : input_ids.data<int32_t>()[i];
+    tokens[i] = input_ids.dtype() == DType::kI64 ? input_ids.data<int64_t>()[i]
+                                                 : input_ids.data<int32_t>()[i];
   ASSIGN_OR_RETURN(std::vector<NamedTensor> params, HfTensors(model));
   Gradients grads;
   ASSIGN_OR_RETURN(float loss, NextTokenLossAndGradients(model, tokens, B, T, &grads));
@@ -131,9 +142,11 @@ absl::StatusOr<std::vector<std::pair<std::string, Tensor>>> LossAndGradientTenso
     out.emplace_back("grad." + p.name, std::move(g));
   }
   // A tied head's gradient belongs to the embedding.
-  if (auto it = grads.by_name.find("lm_head.weight"); it != grads.by_name.end() && model.config().tie_word_embeddings) {
+  if (auto it = grads.by_name.find("lm_head.weight");
+      it != grads.by_name.end() && model.config().tie_word_embeddings) {
     for (auto& [name, g] : out)
-      if (name == "grad.model.embed_tokens.weight" && g.numel() == static_cast<int64_t>(it->second.size()))
+      if (name == "grad.model.embed_tokens.weight" &&
+          g.numel() == static_cast<int64_t>(it->second.size()))
         for (int64_t i = 0; i < g.numel(); ++i) g.mutable_data<float>()[i] += it->second[i];
   }
   return out;

@@ -1,5 +1,7 @@
 // TensorBoard event files: CRC32C against published check values, TFRecord
 // framing round trips, damaged files detected, Event protos as written.
+#include "learner/trainer/event_writer.h"
+
 #include <unistd.h>
 
 #include <filesystem>
@@ -7,14 +9,13 @@
 #include <sstream>
 
 #include "gtest/gtest.h"
-#include "learner/trainer/event_writer.h"
 #include "retort/v1/event.pb.h"
 
 namespace retort::trainer {
 namespace {
 
 TEST(EventWriterTest, Crc32cMatchesCheckValues) {
-  EXPECT_EQ(Crc32c("123456789"), 0xe3069283u);           // the CRC catalogue's check value
+  EXPECT_EQ(Crc32c("123456789"), 0xe3069283u);            // the CRC catalogue's check value
   EXPECT_EQ(Crc32c(std::string(32, '\0')), 0x8a9136aau);  // RFC 3720 B.4
   EXPECT_EQ(Crc32c(std::string(32, '\xff')), 0x62a8ab43u);
   EXPECT_EQ(Crc32c(""), 0u);
@@ -23,16 +24,19 @@ TEST(EventWriterTest, Crc32cMatchesCheckValues) {
 }
 
 TEST(EventWriterTest, FramesRoundTripAndDamageIsDetected) {
-  const std::string bytes = TfRecordFrame("hello") + TfRecordFrame("") + TfRecordFrame(std::string(1000, 'x'));
+  const std::string bytes =
+      TfRecordFrame("hello") + TfRecordFrame("") + TfRecordFrame(std::string(1000, 'x'));
   ASSERT_EQ(bytes.size(), 3 * 16u + 5 + 1000);
   auto records = ReadTfRecords(bytes, "mem");
   ASSERT_TRUE(records.ok()) << records.status();
   EXPECT_EQ(*records, (std::vector<std::string>{"hello", "", std::string(1000, 'x')}));
-  EXPECT_EQ(ReadTfRecords(bytes.substr(0, bytes.size() - 1), "mem").status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(ReadTfRecords(bytes.substr(0, bytes.size() - 1), "mem").status().code(),
+            absl::StatusCode::kDataLoss);
   for (size_t at : {size_t{0}, size_t{9}, size_t{13}, size_t{18}}) {
     std::string bad = bytes;
     bad[at] ^= 0x01;
-    EXPECT_EQ(ReadTfRecords(bad, "mem").status().code(), absl::StatusCode::kDataLoss) << "byte " << at;
+    EXPECT_EQ(ReadTfRecords(bad, "mem").status().code(), absl::StatusCode::kDataLoss)
+        << "byte " << at;
   }
 }
 

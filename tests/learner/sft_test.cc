@@ -2,6 +2,8 @@
 // prompt masks, overfitting a tiny V4 model (fixture b: HCA, CSA + indexer,
 // hash and learned routing, shared expert, mHC) from configs/sft_tiny.json,
 // and a resumed run that matches an uninterrupted one.
+#include "learner/sft/sft.h"
+
 #include <unistd.h>
 
 #include <filesystem>
@@ -9,7 +11,6 @@
 #include <sstream>
 
 #include "gtest/gtest.h"
-#include "learner/sft/sft.h"
 #include "learner/trainer/event_writer.h"
 #include "model/v4/model.h"
 #include "nlohmann/json.hpp"
@@ -59,7 +60,8 @@ TEST(SftTest, OverfitsTinyModelFromTheExampleConfig) {
   }
   // TensorBoard: one event file with the file_version event and a loss per step.
   std::vector<fs::path> event_files;
-  for (const auto& e : fs::directory_iterator(o->output_dir + "/tensorboard")) event_files.push_back(e.path());
+  for (const auto& e : fs::directory_iterator(o->output_dir + "/tensorboard"))
+    event_files.push_back(e.path());
   ASSERT_EQ(event_files.size(), 1u);
   {
     std::ifstream in(event_files[0], std::ios::binary);
@@ -93,7 +95,8 @@ TEST(SftTest, OverfitsTinyModelFromTheExampleConfig) {
 TEST(SftTest, ResumedRunMatchesUninterruptedRun) {
   auto base = LoadSftConfig("configs/sft_tiny.json");
   ASSERT_TRUE(base.ok()) << base.status();
-  base->trainer.optimizer.schedule.kind = optim::ScheduleKind::kConstant;  // lr independent of 'steps'
+  base->trainer.optimizer.schedule.kind =
+      optim::ScheduleKind::kConstant;  // lr independent of 'steps'
   base->steps = 6;
   SftOptions straight = *base;
   straight.output_dir = Temp("straight");
@@ -134,7 +137,8 @@ TEST(SftTest, ResumedRunMatchesUninterruptedRun) {
   ASSERT_EQ(c.size(), 6u);
   ASSERT_EQ(d.size(), 6u);
   for (size_t i = 0; i < 6; ++i) {
-    EXPECT_NEAR(d[i]["loss"].get<double>(), c[i]["loss"].get<double>(), 1e-6) << "moe step " << i + 1;
+    EXPECT_NEAR(d[i]["loss"].get<double>(), c[i]["loss"].get<double>(), 1e-6)
+        << "moe step " << i + 1;
     EXPECT_GT(c[i]["balance_loss"].get<double>(), 0.0);
   }
   EXPECT_LT(c[5]["loss"].get<double>(), c[0]["loss"].get<double>());
@@ -149,29 +153,40 @@ TEST(SftTest, ResumedRunMatchesUninterruptedRun) {
 TEST(SftTest, ConfigErrorsNameTheField) {
   const std::string ok = R"({"model": "m", "data": "d", "output_dir": "o"})";
   ASSERT_TRUE(ParseSftConfig(ok, "c.json").ok());
-  auto message = [](const std::string& text) { return std::string(ParseSftConfig(text, "c.json").status().message()); };
+  auto message = [](const std::string& text) {
+    return std::string(ParseSftConfig(text, "c.json").status().message());
+  };
   EXPECT_NE(message("{").find("not valid JSON"), std::string::npos);
   EXPECT_NE(message(R"({"model": "m", "output_dir": "o"})").find("'data'"), std::string::npos);
-  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "batchsize": 2})").find("'batchsize'"),
+  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "batchsize": 2})")
+                .find("'batchsize'"),
             std::string::npos);
-  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "seq_len": "64"})").find("'seq_len'"),
+  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "seq_len": "64"})")
+                .find("'seq_len'"),
             std::string::npos);
-  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "batch_size": 0})").find("'batch_size'"),
+  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "batch_size": 0})")
+                .find("'batch_size'"),
             std::string::npos);
-  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "optimizer": {"schedule": "step"}})")
-                .find("schedule 'step'"),
-            std::string::npos);
-  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "optimizer": {"lr": 1, "betas": 1}})")
-                .find("'betas'"),
-            std::string::npos);
-  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "qat_experts": 1})").find("'qat_experts'"),
+  EXPECT_NE(
+      message(
+          R"({"model": "m", "data": "d", "output_dir": "o", "optimizer": {"schedule": "step"}})")
+          .find("schedule 'step'"),
+      std::string::npos);
+  EXPECT_NE(
+      message(
+          R"({"model": "m", "data": "d", "output_dir": "o", "optimizer": {"lr": 1, "betas": 1}})")
+          .find("'betas'"),
+      std::string::npos);
+  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "qat_experts": 1})")
+                .find("'qat_experts'"),
             std::string::npos);
   EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "bias_update_speed": -1})")
                 .find("'bias_update_speed'"),
             std::string::npos);
-  auto parsed = ParseSftConfig(R"({"model": "m", "data": "d", "output_dir": "o", "qat_experts": true,
+  auto parsed =
+      ParseSftConfig(R"({"model": "m", "data": "d", "output_dir": "o", "qat_experts": true,
                                    "bias_update_speed": 0.5, "optimizer": {"lr": 0.01, "warmup_steps": 3}})",
-                               "c.json");
+                     "c.json");
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   EXPECT_TRUE(parsed->trainer.qat_experts);
   EXPECT_EQ(parsed->trainer.bias_update_speed, 0.5f);
@@ -187,13 +202,17 @@ TEST(SftTest, DataErrorsNameFileAndLine) {
     const std::string p = WriteFile("data.jsonl", text);
     return std::string(ReadSftData(p, nullptr, 100).status().message());
   };
-  EXPECT_NE(message("{\"prompt_ids\": [1], \"completion_ids\": [2]}\nnot json\n").find(":2: not a JSON object"),
+  EXPECT_NE(message("{\"prompt_ids\": [1], \"completion_ids\": [2]}\nnot json\n")
+                .find(":2: not a JSON object"),
             std::string::npos);
-  EXPECT_NE(message("{\"prompt_ids\": [1], \"completion_ids\": [200]}\n").find("200 is outside 0..99"),
+  EXPECT_NE(
+      message("{\"prompt_ids\": [1], \"completion_ids\": [200]}\n").find("200 is outside 0..99"),
+      std::string::npos);
+  EXPECT_NE(message("{\"prompt_ids\": [1], \"completion_ids\": []}\n").find("empty"),
             std::string::npos);
-  EXPECT_NE(message("{\"prompt_ids\": [1], \"completion_ids\": []}\n").find("empty"), std::string::npos);
   EXPECT_NE(message("{\"prompt_ids\": [1]}\n").find("'completion_ids'"), std::string::npos);
-  EXPECT_NE(message("{\"prompt\": \"hi\", \"completion\": \"there\"}\n").find("needs a tokenizer"), std::string::npos);
+  EXPECT_NE(message("{\"prompt\": \"hi\", \"completion\": \"there\"}\n").find("needs a tokenizer"),
+            std::string::npos);
   EXPECT_NE(message("{\"text\": \"x\"}\n").find(":1:"), std::string::npos);
   EXPECT_NE(message("\n").find("no records"), std::string::npos);
   EXPECT_FALSE(PackExamples({{{1, 2, 3}, {4, 5}}}, 4).ok());
@@ -210,7 +229,8 @@ TEST(SftTest, PackingMasksPromptsAndKeepsExamplesApart) {
   EXPECT_EQ(rows->targets[0], (std::vector<int64_t>{-1, 3, 4, -1, 6, 7, -1, -1}));
   EXPECT_EQ(rows->tokens[1], (std::vector<int64_t>{8, 9, 10, 11, 0, 0, 0, 0}));
   EXPECT_EQ(rows->targets[1], (std::vector<int64_t>{-1, -1, 11, -1, -1, -1, -1, -1}));
-  const SftBatch b = MakeBatch(*rows, 3, 0, 5);  // 3 rows of an epoch of 2: wraps into the next epoch
+  const SftBatch b =
+      MakeBatch(*rows, 3, 0, 5);  // 3 rows of an epoch of 2: wraps into the next epoch
   EXPECT_EQ(b.B, 3);
   int64_t scored = 0;
   float sum = 0;
@@ -240,17 +260,21 @@ TEST(SftTest, ChatRecordsMaskThePromptTurns) {
   ASSERT_EQ(data->size(), 2u);
   for (const SftExample& ex : *data) {
     ASSERT_FALSE(ex.completion.empty());
-    const std::string completion = (*tok)->Decode(std::vector<tokenizer::TokenId>(ex.completion.begin(),
-                                                                                  ex.completion.end()));
+    const std::string completion =
+        (*tok)->Decode(std::vector<tokenizer::TokenId>(ex.completion.begin(), ex.completion.end()));
     EXPECT_EQ(completion.find("<｜User｜>"), std::string::npos) << completion;
     ASSERT_TRUE((*tok)->eos_id().has_value());
     EXPECT_EQ(ex.completion.back(), *(*tok)->eos_id()) << completion;
   }
-  EXPECT_NE((*tok)->Decode(std::vector<tokenizer::TokenId>((*data)[0].prompt.begin(), (*data)[0].prompt.end()))
+  EXPECT_NE((*tok)
+                ->Decode(std::vector<tokenizer::TokenId>((*data)[0].prompt.begin(),
+                                                         (*data)[0].prompt.end()))
                 .find("2+2?"),
             std::string::npos);
   // A conversation that does not end with the assistant has nothing to learn.
-  const std::string bad = WriteFile("chat_bad.jsonl", R"({"messages": [{"role": "user", "content": "x"}]})" "\n");
+  const std::string bad =
+      WriteFile("chat_bad.jsonl", R"({"messages": [{"role": "user", "content": "x"}]})"
+                                  "\n");
   EXPECT_NE(ReadSftData(bad, tok->get(), (*tok)->vocab_size()).status().message().find("assistant"),
             std::string::npos);
 }

@@ -1,13 +1,14 @@
 // Trainer: updates lower the loss, checkpoints load as models, a resumed run
 // continues exactly as the uninterrupted one, and damaged checkpoints fail
 // with errors naming the file.
+#include "learner/trainer/trainer.h"
+
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 
 #include "gtest/gtest.h"
-#include "learner/trainer/trainer.h"
 #include "model/base/logging.h"
 
 namespace retort::trainer {
@@ -39,7 +40,8 @@ struct Batch {
 // row are masked like a prompt. Advances the data position.
 Batch NextBatch(Trainer& t, int64_t vocab) {
   Batch b;
-  for (int64_t i = 0; i < b.B * b.T; ++i) b.tokens.push_back(2 + static_cast<int64_t>(t.NextRandom() % (vocab - 2)));
+  for (int64_t i = 0; i < b.B * b.T; ++i)
+    b.tokens.push_back(2 + static_cast<int64_t>(t.NextRandom() % (vocab - 2)));
   const float w = 1.0f / static_cast<float>(b.B * (b.T - 4));
   for (int64_t r = 0; r < b.B; ++r)
     for (int64_t i = 0; i < b.T; ++i) {
@@ -156,7 +158,8 @@ TEST(TrainerTest, DamagedCheckpointsFailNamingTheFile) {
     Truncate(d + "/trainer_state.safetensors", 100);
     auto r = Trainer::FromCheckpoint(d, Options());
     ASSERT_FALSE(r.ok());
-    EXPECT_NE(r.status().message().find("trainer_state.safetensors"), std::string::npos) << r.status();
+    EXPECT_NE(r.status().message().find("trainer_state.safetensors"), std::string::npos)
+        << r.status();
     fs::remove_all(d);
   }
   {
@@ -181,7 +184,8 @@ TEST(TrainerTest, DamagedCheckpointsFailNamingTheFile) {
     ASSERT_TRUE(f.ok());
     std::vector<std::pair<std::string, Tensor>> state;
     for (const auto& [name, e] : (*f)->entries())
-      state.emplace_back(name == "model.norm.weight.adam_m" ? "model.nrom.weight.adam_m" : name, *(*f)->Get(name));
+      state.emplace_back(name == "model.norm.weight.adam_m" ? "model.nrom.weight.adam_m" : name,
+                         *(*f)->Get(name));
     ASSERT_TRUE(io::WriteSafetensors(d + "/trainer_state.safetensors", state).ok());
     auto r = Trainer::FromCheckpoint(d, Options());
     ASSERT_FALSE(r.ok());
@@ -202,9 +206,10 @@ TEST(TrainerTest, RouterBiasMovesBySpeedTowardsTheMeanLoad) {
   ASSERT_TRUE(before.ok());
   std::vector<std::vector<float>> bias0;
   for (const auto& layer : (*t)->model().weights().layers)
-    bias0.push_back(layer.moe.hash_routed ? std::vector<float>{}
-                                          : std::vector<float>(layer.moe.bias.data<float>(),
-                                                               layer.moe.bias.data<float>() + cfg.n_routed_experts));
+    bias0.push_back(layer.moe.hash_routed
+                        ? std::vector<float>{}
+                        : std::vector<float>(layer.moe.bias.data<float>(),
+                                             layer.moe.bias.data<float>() + cfg.n_routed_experts));
   ASSERT_TRUE((*t)->Step(b.view()).ok());
   int moved = 0;
   for (int l = 0; l < cfg.num_layers; ++l) {
@@ -216,7 +221,8 @@ TEST(TrainerTest, RouterBiasMovesBySpeedTowardsTheMeanLoad) {
     mean /= load.size();
     for (int e = 0; e < cfg.n_routed_experts; ++e) {
       const float want = bias0[l][e] + (load[e] < mean ? 0.01f : load[e] > mean ? -0.01f : 0.0f);
-      EXPECT_EQ(moe.bias.data<float>()[e], want) << "layer " << l << " expert " << e << " load " << load[e];
+      EXPECT_EQ(moe.bias.data<float>()[e], want)
+          << "layer " << l << " expert " << e << " load " << load[e];
       moved += moe.bias.data<float>()[e] != bias0[l][e];
     }
   }
@@ -232,11 +238,13 @@ TEST(TrainerTest, RouterBiasMovesBySpeedTowardsTheMeanLoad) {
       EXPECT_EQ((*still)->model().weights().layers[l].moe.bias.data<float>()[e], bias0[l][e]);
   }
   o.bias_update_speed = -1;
-  EXPECT_EQ(Trainer::FromModelDir(kFixtureB, o).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Trainer::FromModelDir(kFixtureB, o).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(TrainerTest, QuantizeMxFp4RoundsPerBlockOf32) {
-  // amax 7 -> scale 2^ceil(log2(7/6)) = 2; x/2 = .13 .37 .6 1.3 2.55 3.5 -> 0 .5 .5 1.5 3 4 (3.5: tie, even code).
+  // amax 7 -> scale 2^ceil(log2(7/6)) = 2; x/2 = .13 .37 .6 1.3 2.55 3.5 -> 0 .5 .5 1.5 3 4 (3.5:
+  // tie, even code).
   std::vector<float> w(40, 0.0f);
   const float in[] = {0.26f, 0.74f, 1.2f, 2.6f, 5.1f, 7.0f, -7.0f, -0.9f};
   std::copy(in, in + 8, w.begin());
@@ -248,8 +256,8 @@ TEST(TrainerTest, QuantizeMxFp4RoundsPerBlockOf32) {
   const float want[] = {0.0f, 1.0f, 1.0f, 3.0f, 6.0f, 8.0f, -8.0f, -1.0f};
   for (int i = 0; i < 8; ++i) EXPECT_EQ(w[i], want[i]) << i;
   for (int i = 8; i < 32; ++i) EXPECT_EQ(w[i], 0.0f);
-  EXPECT_EQ(w[32], 0.25f);     // 0.3*16 = 4.8 -> 4
-  EXPECT_EQ(w[33], 0.09375f);  // 1.6 -> 1.5
+  EXPECT_EQ(w[32], 0.25f);      // 0.3*16 = 4.8 -> 4
+  EXPECT_EQ(w[33], 0.09375f);   // 1.6 -> 1.5
   EXPECT_EQ(w[34], -0.03125f);  // -0.32 -> -0.5 (nearer than 0)
   std::vector<float> again = w;
   QuantizeMxFp4Rows(again.data(), 1, 40);
@@ -310,10 +318,12 @@ std::vector<int32_t> RoutesOf(const v4::Model& m, const Batch& b) {
     auto s = m.NewState();
     v4::StepOutputs out;
     out.capture_routes = true;
-    std::vector<v4::Model::Chunk> chunk = {{s.get(), absl::MakeConstSpan(b.tokens.data() + r * b.T, b.T)}};
+    std::vector<v4::Model::Chunk> chunk = {
+        {s.get(), absl::MakeConstSpan(b.tokens.data() + r * b.T, b.T)}};
     CHECK(m.Step(chunk, &out).ok());
     for (int l = 0; l < c.num_layers; ++l)
-      std::copy(out.routes[l].begin(), out.routes[l].end(), routes.begin() + ((l * b.B + r) * b.T) * K);
+      std::copy(out.routes[l].begin(), out.routes[l].end(),
+                routes.begin() + ((l * b.B + r) * b.T) * K);
   }
   return routes;
 }
@@ -341,7 +351,8 @@ TEST(TrainerTest, AnticipatoryRoutingUsesRoutesFromDeltaStepsEarlier) {
     routes[i] = RoutesOf((*ref)->model(), batches[i]);
     ASSERT_TRUE((*a)->Prefetch(batches[i].view()).ok());
   }
-  EXPECT_EQ((*a)->Step(batches[1].view()).status().code(), absl::StatusCode::kFailedPrecondition);  // not queued first
+  EXPECT_EQ((*a)->Step(batches[1].view()).status().code(),
+            absl::StatusCode::kFailedPrecondition);  // not queued first
   std::vector<double> losses;
   const std::string dir = TempDir("anticipatory");
   for (int s = 0; s < steps; ++s) {
@@ -371,7 +382,8 @@ TEST(TrainerTest, AnticipatoryRoutingUsesRoutesFromDeltaStepsEarlier) {
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_EQ(r->loss, losses[s]) << "resumed step " << s;
   }
-  EXPECT_EQ(Trainer::FromCheckpoint(dir, plain).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Trainer::FromCheckpoint(dir, plain).status().code(),
+            absl::StatusCode::kInvalidArgument);
   fs::remove_all(dir);
 }
 

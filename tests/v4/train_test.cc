@@ -1,6 +1,8 @@
 // The training entry points around the backward: `retort grad`'s tensors
 // against the reference (fixture b), HfTensors round trips, and the per-token
 // weighted loss (masking, linearity in the weights, finite differences).
+#include "model/v4/train.h"
+
 #include <unistd.h>
 
 #include <cmath>
@@ -10,7 +12,6 @@
 #include "gtest/gtest.h"
 #include "model/base/logging.h"
 #include "model/io/safetensors.h"
-#include "model/v4/train.h"
 
 namespace retort::v4 {
 namespace {
@@ -35,7 +36,8 @@ TEST(V4TrainTest, GradCommandTensorsMatchFixtureB) {
   auto tensors = LossAndGradientTensors(**model, *(*expected)->Get("input_ids"));
   ASSERT_TRUE(tensors.ok()) << tensors.status();
   // Through the file the command writes, as `retort grad` does.
-  const std::string path = ::testing::TempDir() + "/grad_" + std::to_string(getpid()) + ".safetensors";
+  const std::string path =
+      ::testing::TempDir() + "/grad_" + std::to_string(getpid()) + ".safetensors";
   ASSERT_TRUE(io::WriteSafetensors(path, *tensors).ok());
   auto got = io::SafetensorsFile::Open(path);
   ASSERT_TRUE(got.ok()) << got.status();
@@ -51,7 +53,8 @@ TEST(V4TrainTest, GradCommandTensorsMatchFixtureB) {
   }
   EXPECT_GT(compared, 100);
   for (const auto& [name, entry] : (*got)->entries())
-    EXPECT_TRUE((*expected)->Has(name)) << "retort grad wrote " << name << ", which the reference does not have";
+    EXPECT_TRUE((*expected)->Has(name))
+        << "retort grad wrote " << name << ", which the reference does not have";
   unlink(path.c_str());
 }
 
@@ -93,11 +96,13 @@ TEST(V4TrainTest, HfTensorsReloadIdenticallyAndShareStorage) {
       for (int64_t i = 0; i < t.value.numel(); ++i) t.value.mutable_data<float>()[i] *= 1.5f;
   const std::vector<float> c = run(**rebuilt);
   double diff = 0;
-  for (size_t i = 0; i < a.size(); ++i) diff = std::max(diff, static_cast<double>(std::fabs(a[i] - c[i])));
+  for (size_t i = 0; i < a.size(); ++i)
+    diff = std::max(diff, static_cast<double>(std::fabs(a[i] - c[i])));
   EXPECT_GT(diff, 1e-4);
   // Every trainable tensor is one the backward produces a gradient for.
   Gradients grads;
-  ASSERT_TRUE(NextTokenLossAndGradients(**model, ids, 1, static_cast<int64_t>(ids.size()), &grads).ok());
+  ASSERT_TRUE(
+      NextTokenLossAndGradients(**model, ids, 1, static_cast<int64_t>(ids.size()), &grads).ok());
   for (const auto& t : *tensors)
     if (t.trainable) {
       EXPECT_TRUE(grads.by_name.count(t.name)) << t.name;
@@ -171,7 +176,9 @@ TEST(V4TrainTest, WeightedLossRejectsBadBatches) {
   auto model = Model::Load(kFixtureB);
   ASSERT_TRUE(model.ok()) << model.status();
   WeightedCase c = RandomCase(3, (*model)->config().vocab_size);
-  auto code = [&](const WeightedCase& x) { return WeightedTokenLossAndGradients(**model, x.batch(), nullptr).status(); };
+  auto code = [&](const WeightedCase& x) {
+    return WeightedTokenLossAndGradients(**model, x.batch(), nullptr).status();
+  };
   WeightedCase bad = c;
   bad.weights.pop_back();
   EXPECT_NE(code(bad).message().find("weights"), std::string::npos) << code(bad);
@@ -206,10 +213,12 @@ TEST(V4TrainTest, ReplayedRoutesReplaceTheSelection) {
     auto s = (*model)->NewState();
     StepOutputs out;
     out.capture_routes = true;
-    std::vector<Model::Chunk> chunk = {{s.get(), absl::MakeConstSpan(c.tokens.data() + b * c.T, c.T)}};
+    std::vector<Model::Chunk> chunk = {
+        {s.get(), absl::MakeConstSpan(c.tokens.data() + b * c.T, c.T)}};
     ASSERT_TRUE((*model)->Step(chunk, &out).ok());
     for (int l = 0; l < cfg.num_layers; ++l)
-      std::copy(out.routes[l].begin(), out.routes[l].end(), routes.begin() + ((l * c.B + b) * c.T) * K);
+      std::copy(out.routes[l].begin(), out.routes[l].end(),
+                routes.begin() + ((l * c.B + b) * c.T) * K);
   }
   Gradients g0, g1;
   auto plain = WeightedTokenLossAndGradients(**model, c.batch(), &g0);
@@ -239,17 +248,24 @@ TEST(V4TrainTest, ReplayedRoutesReplaceTheSelection) {
   std::vector<int32_t> bad = routes;
   bad.pop_back();
   replay.replay_routes = bad;
-  EXPECT_NE(WeightedTokenLossAndGradients(**model, replay, nullptr).status().message().find("replay_routes has"),
+  EXPECT_NE(WeightedTokenLossAndGradients(**model, replay, nullptr)
+                .status()
+                .message()
+                .find("replay_routes has"),
             std::string::npos);
   bad = routes;
   bad[K] = cfg.n_routed_experts;
   replay.replay_routes = bad;
-  EXPECT_NE(WeightedTokenLossAndGradients(**model, replay, nullptr).status().message().find("outside"),
-            std::string::npos);
+  EXPECT_NE(
+      WeightedTokenLossAndGradients(**model, replay, nullptr).status().message().find("outside"),
+      std::string::npos);
   bad = routes;
   bad[1] = bad[0];
   replay.replay_routes = bad;
-  EXPECT_NE(WeightedTokenLossAndGradients(**model, replay, nullptr).status().message().find("repeats expert"),
+  EXPECT_NE(WeightedTokenLossAndGradients(**model, replay, nullptr)
+                .status()
+                .message()
+                .find("repeats expert"),
             std::string::npos);
 }
 
@@ -260,7 +276,8 @@ std::vector<std::vector<int32_t>> Routes(const Model& m, const WeightedCase& c) 
     auto s = m.NewState();
     StepOutputs out;
     out.capture_routes = true;
-    std::vector<Model::Chunk> chunk = {{s.get(), absl::MakeConstSpan(c.tokens.data() + b * c.T, c.T)}};
+    std::vector<Model::Chunk> chunk = {
+        {s.get(), absl::MakeConstSpan(c.tokens.data() + b * c.T, c.T)}};
     CHECK(m.Step(chunk, &out).ok());
     for (auto& r : out.routes) all.push_back(std::move(r));
   }
@@ -325,7 +342,8 @@ TEST(V4TrainTest, WeightedLossGradientMatchesFiniteDifferences) {
     if (!smooth) continue;  // a route sits on a tie: no slope to compare
     EXPECT_NEAR(numeric, analytic, 2e-2 * std::fabs(analytic) + 2e-3)
         << t.name << ": finite difference " << numeric << ", analytic " << analytic;
-    if (getenv("FD_VERBOSE")) std::printf("%-60s %12.6f %12.6f\n", t.name.c_str(), numeric, analytic);
+    if (getenv("FD_VERBOSE"))
+      std::printf("%-60s %12.6f %12.6f\n", t.name.c_str(), numeric, analytic);
     ++checked;
   }
   EXPECT_GE(checked, 100);  // of the 109 trainable tensors; a tie may skip a few
@@ -366,7 +384,8 @@ TEST(V4TrainTest, SequenceBalanceLossGradientMatchesFiniteDifferences) {
   EXPECT_GT(base->balance_loss, 3.0);
   EXPECT_LT(base->balance_loss, 20.0);
   batch.balance_loss_weight = 2.0f;
-  EXPECT_NEAR(WeightedTokenLossAndGradients(**model, batch, nullptr)->balance_loss, 2 * base->balance_loss, 1e-5);
+  EXPECT_NEAR(WeightedTokenLossAndGradients(**model, batch, nullptr)->balance_loss,
+              2 * base->balance_loss, 1e-5);
   batch.balance_loss_weight = 1.0f;
   const auto base_routes = Routes(**model, c);
   std::mt19937_64 rng(seed);
@@ -375,7 +394,8 @@ TEST(V4TrainTest, SequenceBalanceLossGradientMatchesFiniteDifferences) {
   for (auto& t : *tensors) {
     const bool wanted = t.name.find("mlp.gate.weight") != std::string::npos ||
                         t.name == "model.layers.0.self_attn.q_a_proj.weight" ||
-                        t.name == "model.layers.1.ffn_hc.fn" || t.name == "model.embed_tokens.weight";
+                        t.name == "model.layers.1.ffn_hc.fn" ||
+                        t.name == "model.embed_tokens.weight";
     if (!wanted || t.name == "model.layers.0.mlp.gate.weight") continue;  // layer 0 is hash-routed
     float* p = t.value.mutable_data<float>();
     const int64_t n = t.value.numel();
