@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "model/base/logging.h"
 #include "model/base/status_macros.h"
+#include "model/kernels/cpu/cpu_kernels.h"
 #include "model/v4/train.h"
 
 namespace retort::v4 {
@@ -41,11 +42,6 @@ class Exporter {
 absl::StatusOr<std::vector<NamedTensor>> HfTensors(const Model& model) {
   const auto& c = model.config();
   const Weights& W = model.weights();
-  for (const auto& l : W.layers)
-    for (const auto& e : l.moe.experts)
-      if (e.w1.mxfp4 || e.w2.mxfp4 || e.w3.mxfp4)
-        return absl::UnimplementedError(
-            "exporting fp32 parameters: this model has MXFP4-packed experts");
   std::vector<NamedTensor> out;
   Exporter x(&out);
   x.Add("model.embed_tokens.weight", W.embed);
@@ -86,14 +82,19 @@ absl::StatusOr<std::vector<NamedTensor>> HfTensors(const Model& model) {
     const int64_t E = c.n_routed_experts, I = c.moe_intermediate, d = c.hidden_size;
     Tensor gu = Tensor::Zeros(DType::kF32, {E, 2 * I, d}),
            down = Tensor::Zeros(DType::kF32, {E, d, I});
+    // MXFP4-packed experts (released FP4 checkpoints) decode exactly to fp32:
+    // they become the masters QAT trains.
+    auto put = [](const Linear& lin, float* dst) {
+      if (lin.mxfp4)
+        cpu::DequantizeMxFp4(lin.weight.raw(), lin.scales.raw(), lin.out, lin.in, dst);
+      else
+        std::memcpy(dst, lin.weight.data<float>(), lin.out * lin.in * sizeof(float));
+    };
     for (int64_t e = 0; e < E; ++e) {
       const Expert& ex = m.experts[e];
-      std::memcpy(gu.mutable_data<float>() + e * 2 * I * d, ex.w1.weight.data<float>(),
-                  I * d * sizeof(float));
-      std::memcpy(gu.mutable_data<float>() + (e * 2 * I + I) * d, ex.w3.weight.data<float>(),
-                  I * d * sizeof(float));
-      std::memcpy(down.mutable_data<float>() + e * d * I, ex.w2.weight.data<float>(),
-                  d * I * sizeof(float));
+      put(ex.w1, gu.mutable_data<float>() + e * 2 * I * d);
+      put(ex.w3, gu.mutable_data<float>() + (e * 2 * I + I) * d);
+      put(ex.w2, down.mutable_data<float>() + e * d * I);
     }
     out.push_back({hm + "experts.gate_up_proj", gu, true});
     out.push_back({hm + "experts.down_proj", down, true});

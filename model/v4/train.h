@@ -99,7 +99,7 @@ struct NamedTensor {
 // [E, d, I] down_proj, as transformers stores them). A TensorMap of the result
 // loads back with Model::FromTensors, sharing these tensors' storage (f32 is
 // zero-copy), so writing them in place updates that model. MXFP4-packed
-// experts are Unimplemented (no fp32 masters to export).
+// experts are decoded exactly to f32 (a dense-expert model reloads from them).
 [[nodiscard]] absl::StatusOr<std::vector<NamedTensor>> HfTensors(const Model& model);
 
 // What `retort grad` writes: "loss" (f32 scalar, NextTokenLossAndGradients on

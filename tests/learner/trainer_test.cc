@@ -5,11 +5,13 @@
 
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
 #include "gtest/gtest.h"
 #include "model/base/logging.h"
+#include "model/kernels/cpu/cpu_kernels.h"
 
 namespace retort::trainer {
 namespace {
@@ -307,6 +309,47 @@ TEST(TrainerTest, QatTrainsMastersThroughTheMxFp4Forward) {
   ASSERT_TRUE(r1.ok() && r2.ok());
   EXPECT_EQ(r1->loss, r2->loss);
   fs::remove_all(dir);
+}
+
+// A released FP4 checkpoint (fixture q: FP8 dense weights, MXFP4 experts)
+// trains with QAT: its experts decode exactly to fp32 masters, the MXFP4 round
+// trip of those masters is the checkpoint's own FP4 grid, so the trainer's
+// forward is the checkpoint's forward.
+TEST(TrainerTest, QatStartsFromAnMxFp4CheckpointOnItsOwnGrid) {
+  auto packed = v4::Model::Load("tests/fixtures/v4/q");
+  ASSERT_TRUE(packed.ok()) << packed.status();
+  ASSERT_TRUE(packed->get()->weights().layers.back().moe.experts[0].w1.mxfp4);
+  TrainerOptions o = Options();
+  o.qat_experts = true;
+  auto t = Trainer::FromModelDir("tests/fixtures/v4/q", o);
+  ASSERT_TRUE(t.ok()) << t.status();
+  const auto& cfg = (*t)->model().config();
+  const std::vector<int64_t> ids = {3, 50, 7, 200, 11, 400, 13, 17, 99, 23, 5, 42};
+  const std::vector<float> a = Logits(**packed, ids), b = Logits((*t)->model(), ids);
+  ASSERT_EQ(a.size(), b.size());
+  float worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(a[i] - b[i]));
+  EXPECT_LT(worst, 1e-4f) << "dense QAT forward vs packed MXFP4 forward";
+  for (size_t l = 0; l < cfg.num_layers; ++l) {
+    const v4::Linear& p = packed->get()->weights().layers[l].moe.experts[1].w2;
+    const v4::Linear& q = (*t)->model().weights().layers[l].moe.experts[1].w2;
+    std::vector<float> decoded(p.out * p.in);
+    cpu::DequantizeMxFp4(p.weight.raw(), p.scales.raw(), p.out, p.in, decoded.data());
+    EXPECT_EQ(std::vector<float>(q.weight.data<float>(), q.weight.data<float>() + decoded.size()),
+              decoded)
+        << "layer " << l;
+  }
+  const Batch batch = NextBatch(**t, cfg.vocab_size);
+  double first = 0, last = 0;
+  for (int i = 0; i < 4; ++i) {
+    auto r = (*t)->Step(batch.view());
+    ASSERT_TRUE(r.ok()) << r.status();
+    (i == 0 ? first : last) = r->loss;
+  }
+  EXPECT_LT(last, first);
+  // Without QAT the same checkpoint trains its decoded experts directly.
+  o.qat_experts = false;
+  EXPECT_TRUE(Trainer::FromModelDir("tests/fixtures/v4/q", o).ok());
 }
 
 // [L, B, T, K] routes of `b` under the model's current parameters.
