@@ -13,5 +13,7 @@ ABSL_DECLARE_FLAG(std::string, numerics);
 ABSL_DECLARE_FLAG(std::string, tokenizer);
 ABSL_DECLARE_FLAG(uint64_t, seed);
 ABSL_DECLARE_FLAG(int32_t, threads);
+ABSL_DECLARE_FLAG(std::string, input);
+ABSL_DECLARE_FLAG(std::string, output);
 
 #endif  // RETORT_CONTROLLER_FLAGS_H_

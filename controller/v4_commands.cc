@@ -24,8 +24,6 @@
 #include "rollout/engine/sampler.h"
 #include "rollout/service/rollout_client.h"
 
-ABSL_FLAG(std::string, input, "", "forward: safetensors file with input_ids [B,T] (int64)");
-ABSL_FLAG(std::string, output, "", "forward: safetensors file to write logits (and decode_logits) to");
 ABSL_FLAG(int64_t, decode_from, -1, "forward: prefill this many tokens, then decode one at a time");
 ABSL_FLAG(std::string, compare, "",
           "forward: reference safetensors (logits, decode_logits); exit 1 if any differs by more than --tolerance");

@@ -147,6 +147,8 @@ struct Ctx {
   const Model& m;
   const io::V4Config& c;
   std::map<std::string, Vec>& g;
+  float balance_weight = 0.0f;  // Note [Sequence balance loss]; 0: off
+  double balance_loss = 0.0;    // summed over sequences and layers
   Vec& G(const std::string& name, int64_t n) {
     auto& v = g[name];
     if (v.empty()) v.assign(n, 0.0f);
@@ -566,6 +568,10 @@ struct MoeSaved {
   Vec w;                          // [T, K]
   std::vector<ExpertSaved> slot;  // [T*K]
   std::vector<ExpertSaved> shared;
+  // Sequence-wise balance loss (learned-routing layers, weight > 0):
+  // bal_g[e] = d(balance loss)/d(normalised score of e) at every position.
+  Vec bal_g;
+  double balance_loss = 0.0;
 };
 
 void ExpertFwd(const Ctx& cx, const Expert& ex, const float* x, ExpertSaved& s) {
@@ -606,7 +612,11 @@ void ExpertBack(Ctx& cx, const Expert& ex, const float* x, const ExpertSaved& s,
   Back(ex.w3.weight.data<float>(), I, d, x, du.data(), 1, dx, dw3);
 }
 
-void MoeFwd(const Ctx& cx, int l, const Vec& x, const int64_t* tokens, int64_t T, MoeSaved& s, Vec& out) {
+// `replay` (when non-null) is [T, K] expert ids recorded at sampling time: used
+// instead of the top-k selection (routing replay); the weights still come
+// from the current scores of those experts.
+void MoeFwd(const Ctx& cx, int l, const Vec& x, const int64_t* tokens, int64_t T, const int32_t* replay, MoeSaved& s,
+            Vec& out) {
   const Moe& moe = cx.m.weights().layers[l].moe;
   const auto& c = cx.c;
   const int64_t d = c.hidden_size, E = c.n_routed_experts;
@@ -622,7 +632,9 @@ void MoeFwd(const Ctx& cx, int l, const Vec& x, const int64_t* tokens, int64_t T
   std::vector<int64_t> order(E);
   for (int64_t t = 0; t < T; ++t) {
     const float* sc = s.scores.data() + t * E;
-    if (moe.hash_routed) {
+    if (replay != nullptr) {
+      for (int k = 0; k < K; ++k) s.idx[t * K + k] = replay[t * K + k];
+    } else if (moe.hash_routed) {
       for (int k = 0; k < K; ++k) s.idx[t * K + k] = moe.tid2eid.data<int64_t>()[tokens[t] * K + k];
     } else {
       const float* bias = moe.bias.data<float>();
@@ -640,6 +652,25 @@ void MoeFwd(const Ctx& cx, int l, const Vec& x, const int64_t* tokens, int64_t T
       ExpertSaved& es = s.slot[t * K + k];
       ExpertFwd(cx, moe.experts[s.idx[t * K + k]], x.data() + t * d, es);
       for (int64_t i = 0; i < d; ++i) out[t * d + i] += s.w[t * K + k] * es.y[i];
+    }
+  }
+  // Note [Sequence balance loss]: DeepSeek-V3's sequence-wise auxiliary loss,
+  // L = alpha * sum_e f_e P_e with f_e = E/(K T) * #{t : e in top-k(t)} (a
+  // count: no gradient) and P_e = 1/T sum_t s_te / sum_j s_tj (the scores
+  // normalised over all experts). dL/d(normalised s_te) = alpha f_e / T.
+  if (cx.balance_weight > 0.0f && !moe.hash_routed) {
+    std::vector<double> f(E, 0.0), P(E, 0.0);
+    for (int64_t i = 0; i < T * K; ++i) f[s.idx[i]] += static_cast<double>(E) / (static_cast<double>(K) * T);
+    for (int64_t t = 0; t < T; ++t) {
+      double S = 0;
+      for (int64_t e = 0; e < E; ++e) S += s.scores[t * E + e];
+      for (int64_t e = 0; e < E; ++e) P[e] += s.scores[t * E + e] / S / T;
+    }
+    s.bal_g.resize(E);
+    s.balance_loss = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      s.balance_loss += cx.balance_weight * f[e] * P[e];
+      s.bal_g[e] = static_cast<float>(cx.balance_weight * f[e] / T);
     }
   }
   if (moe.has_shared) {
@@ -686,6 +717,18 @@ void MoeBack(Ctx& cx, int l, const Vec& x, int64_t T, const MoeSaved& s, const V
       if (sc[e] > 0) dz[t * E + e] += ds * cpu::Sigmoid(s.logits[t * E + e]) / (2.0f * sc[e]);
     }
   }
+  if (!s.bal_g.empty()) {
+    // Through s'_e = s_e / S: ds_j = (g_j - sum_e g_e s'_e) / S; then sqrt-softplus.
+    for (int64_t t = 0; t < T; ++t) {
+      const float* sc = s.scores.data() + t * E;
+      float S = 0.0f, dot = 0.0f;
+      for (int64_t e = 0; e < E; ++e) S += sc[e];
+      for (int64_t e = 0; e < E; ++e) dot += s.bal_g[e] * sc[e] / S;
+      for (int64_t e = 0; e < E; ++e)
+        if (sc[e] > 0)
+          dz[t * E + e] += (s.bal_g[e] - dot) / S * cpu::Sigmoid(s.logits[t * E + e]) / (2.0f * sc[e]);
+    }
+  }
   Back(moe.gate.data<float>(), E, d, x.data(), dz.data(), T, dx.data(), cx.G(P + "gate.weight", E * d).data());
   if (moe.has_shared) {
     Vec& d1 = cx.G(P + "shared_experts.gate_proj.weight", I * d);
@@ -706,8 +749,14 @@ struct LayerSaved {
   MoeSaved moe;
 };
 
-// One sequence: forward with saved activations, loss terms scaled by `scale`, backward.
-absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int64_t T, float scale) {
+// One sequence: forward with saved activations, then backward of
+// sum_t weights[t] * -log p(targets[t] | tokens[..t]) over positions whose
+// target is >= 0. Writes log p(target) (0 where masked) to `logprobs`.
+// `replay`: [L, B, T, K] recorded routes or null; `b` and `B` locate this
+// sequence in it. Adds this sequence's routed assignments to `load` [L][E].
+absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int64_t T, const int64_t* targets,
+                                            const float* weights, float* logprobs, const int32_t* replay, int64_t b,
+                                            int64_t B, std::vector<std::vector<int64_t>>& load) {
   const auto& c = cx.c;
   const Weights& W = cx.m.weights();
   const int hc = c.hc_mult;
@@ -741,7 +790,10 @@ absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int6
     s.xn_ffn.resize(T * d);
     s.r_ffn.resize(T);
     NormFwd(s.u_ffn.data(), T, d, L.ffn_norm.data<float>(), eps, s.xn_ffn.data(), s.r_ffn.data());
-    MoeFwd(cx, l, s.xn_ffn, tokens, T, s.moe, s.f_ffn);
+    const int K = c.experts_per_token;
+    MoeFwd(cx, l, s.xn_ffn, tokens, T, replay ? replay + ((l * B + b) * T) * K : nullptr, s.moe, s.f_ffn);
+    for (int64_t e : s.moe.idx) ++load[l][e];
+    cx.balance_loss += s.moe.balance_loss;
     HcMix(cx, s.X1, s.f_ffn, s.hc_ffn, T, X);
   }
   // hc_head, final norm, head, loss.
@@ -764,15 +816,21 @@ absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int6
   Fwd(W.head, yn.data(), T, logits.data());
   double loss = 0.0;
   Vec dlogits(T * V, 0.0f);
-  for (int64_t t = 0; t + 1 < T; ++t) {
+  for (int64_t t = 0; t < T; ++t) {
+    logprobs[t] = 0.0f;
+    if (targets[t] < 0) continue;
     const float* lt = logits.data() + t * V;
     const float mx = *std::max_element(lt, lt + V);
     double z_sum = 0.0;
     for (int64_t v = 0; v < V; ++v) z_sum += std::exp(static_cast<double>(lt[v] - mx));
     const double lse = mx + std::log(z_sum);
-    loss += lse - lt[tokens[t + 1]];
-    for (int64_t v = 0; v < V; ++v) dlogits[t * V + v] = static_cast<float>(std::exp(lt[v] - lse)) * scale;
-    dlogits[t * V + tokens[t + 1]] -= scale;
+    const double nll = lse - lt[targets[t]];
+    logprobs[t] = static_cast<float>(-nll);
+    const float w = weights[t];
+    loss += static_cast<double>(w) * nll;
+    if (w == 0.0f) continue;
+    for (int64_t v = 0; v < V; ++v) dlogits[t * V + v] = static_cast<float>(std::exp(lt[v] - lse)) * w;
+    dlogits[t * V + targets[t]] -= w;
   }
   // ---- backward ----
   Vec dyn(T * d, 0.0f), dy(T * d, 0.0f);
@@ -840,12 +898,34 @@ absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int6
 
 }  // namespace
 
-absl::StatusOr<float> NextTokenLossAndGradients(const Model& model, absl::Span<const int64_t> tokens, int64_t B,
-                                                int64_t T, Gradients* grads) {
+absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, const TokenBatch& batch,
+                                                           Gradients* grads) {
   const auto& c = model.config();
-  if (B <= 0 || T < 2 || static_cast<int64_t>(tokens.size()) != B * T)
-    return absl::InvalidArgumentError(absl::StrCat("need tokens [B, T] with B >= 1, T >= 2; got ", tokens.size(),
-                                                   " tokens for B=", B, " T=", T));
+  const int64_t B = batch.B, T = batch.T, n = B * T;
+  if (B <= 0 || T <= 0)
+    return absl::InvalidArgumentError(absl::StrCat("token batch: need B >= 1 and T >= 1, got B=", B, " T=", T));
+  if (static_cast<int64_t>(batch.tokens.size()) != n)
+    return absl::InvalidArgumentError(absl::StrCat("token batch: tokens has ", batch.tokens.size(),
+                                                   " entries, expected B*T = ", n));
+  if (static_cast<int64_t>(batch.targets.size()) != n)
+    return absl::InvalidArgumentError(absl::StrCat("token batch: targets has ", batch.targets.size(),
+                                                   " entries, expected B*T = ", n));
+  if (static_cast<int64_t>(batch.weights.size()) != n)
+    return absl::InvalidArgumentError(absl::StrCat("token batch: weights has ", batch.weights.size(),
+                                                   " entries, expected B*T = ", n));
+  for (int64_t i = 0; i < n; ++i) {
+    if (batch.tokens[i] < 0 || batch.tokens[i] >= c.vocab_size)
+      return absl::InvalidArgumentError(absl::StrCat("token batch: tokens[", i / T, ", ", i % T, "] = ",
+                                                     batch.tokens[i], " is outside the vocabulary 0..",
+                                                     c.vocab_size - 1));
+    if (batch.targets[i] < -1 || batch.targets[i] >= c.vocab_size)
+      return absl::InvalidArgumentError(absl::StrCat("token batch: targets[", i / T, ", ", i % T, "] = ",
+                                                     batch.targets[i], " is neither -1 (masked) nor in 0..",
+                                                     c.vocab_size - 1));
+    if (!std::isfinite(batch.weights[i]))
+      return absl::InvalidArgumentError(absl::StrCat("token batch: weights[", i / T, ", ", i % T,
+                                                     "] is not finite"));
+  }
   for (const auto& l : model.weights().layers)
     for (const auto& e : l.moe.experts)
       if (e.w1.mxfp4 || e.w2.mxfp4 || e.w3.mxfp4)
@@ -855,15 +935,62 @@ absl::StatusOr<float> NextTokenLossAndGradients(const Model& model, absl::Span<c
   for (const auto& l : model.weights().layers)
     if (l.attn.kind != AttentionKind::kSliding && 2 * l.attn.compressor.ratio > 512)
       return absl::InvalidArgumentError("training path supports compress ratios up to 256");
-  std::map<std::string, Vec> local;
-  Ctx cx{model, c, grads ? grads->by_name : local};
-  const float scale = 1.0f / static_cast<float>(B * (T - 1));
-  double total = 0.0;
-  for (int64_t b = 0; b < B; ++b) {
-    ASSIGN_OR_RETURN(double l, SequenceLossAndGrads(cx, tokens.data() + b * T, T, scale));
-    total += l;
+  const int K = c.experts_per_token;
+  const int64_t E = c.n_routed_experts;
+  if (!batch.replay_routes.empty()) {
+    const int64_t want = static_cast<int64_t>(c.num_layers) * n * K;
+    if (static_cast<int64_t>(batch.replay_routes.size()) != want)
+      return absl::InvalidArgumentError(absl::StrCat("token batch: replay_routes has ", batch.replay_routes.size(),
+                                                     " entries, expected layers*B*T*experts_per_token = ", want));
+    for (int64_t i = 0; i < want; i += K)
+      for (int k = 0; k < K; ++k) {
+        const int32_t e = batch.replay_routes[i + k];
+        const int64_t row = i / K, layer = row / n, pos = row % n;
+        if (e < 0 || e >= E)
+          return absl::InvalidArgumentError(absl::StrCat("token batch: replay_routes[layer ", layer, ", ", pos / T,
+                                                         ", ", pos % T, "] names expert ", e, ", outside 0..", E - 1));
+        for (int j = 0; j < k; ++j)
+          if (batch.replay_routes[i + j] == e)
+            return absl::InvalidArgumentError(absl::StrCat("token batch: replay_routes[layer ", layer, ", ", pos / T,
+                                                           ", ", pos % T, "] repeats expert ", e));
+      }
   }
-  return static_cast<float>(total * scale);
+  std::map<std::string, Vec> local;
+  if (!(batch.balance_loss_weight >= 0.0f) || !std::isfinite(batch.balance_loss_weight))
+    return absl::InvalidArgumentError(absl::StrCat("token batch: balance_loss_weight must be finite and >= 0, got ",
+                                                   batch.balance_loss_weight));
+  Ctx cx{model, c, grads ? grads->by_name : local, batch.balance_loss_weight};
+  WeightedLoss out;
+  out.logprobs.assign(n, 0.0f);
+  out.expert_load.assign(c.num_layers, std::vector<int64_t>(E, 0));
+  const int32_t* replay = batch.replay_routes.empty() ? nullptr : batch.replay_routes.data();
+  for (int64_t b = 0; b < B; ++b) {
+    ASSIGN_OR_RETURN(double l, SequenceLossAndGrads(cx, batch.tokens.data() + b * T, T, batch.targets.data() + b * T,
+                                                    batch.weights.data() + b * T, out.logprobs.data() + b * T,
+                                                    replay, b, B, out.expert_load));
+    out.loss += l;
+  }
+  out.balance_loss = cx.balance_loss;
+  return out;
+}
+
+absl::StatusOr<float> NextTokenLossAndGradients(const Model& model, absl::Span<const int64_t> tokens, int64_t B,
+                                                int64_t T, Gradients* grads) {
+  if (B <= 0 || T < 2 || static_cast<int64_t>(tokens.size()) != B * T)
+    return absl::InvalidArgumentError(absl::StrCat("need tokens [B, T] with B >= 1, T >= 2; got ", tokens.size(),
+                                                   " tokens for B=", B, " T=", T));
+  // Position t predicts token t+1 with weight 1/(B(T-1)); the last position has no target.
+  const float scale = 1.0f / static_cast<float>(B * (T - 1));
+  std::vector<int64_t> targets(B * T, -1);
+  std::vector<float> weights(B * T, 0.0f);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t + 1 < T; ++t) {
+      targets[b * T + t] = tokens[b * T + t + 1];
+      weights[b * T + t] = scale;
+    }
+  TokenBatch batch{tokens, targets, weights, B, T, {}, 0.0f};
+  ASSIGN_OR_RETURN(WeightedLoss r, WeightedTokenLossAndGradients(model, batch, grads));
+  return static_cast<float>(r.loss);
 }
 
 }  // namespace retort::v4

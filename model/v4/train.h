@@ -17,10 +17,12 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "model/tensor/tensor.h"
 #include "model/v4/model.h"
 
 namespace retort::v4 {
@@ -30,6 +32,51 @@ struct Gradients {
   std::map<std::string, std::vector<float>> by_name;
 };
 
+// A batch for per-token weighted training, all [B, T] row-major: position t of
+// sequence b reads tokens[..t] and is scored on targets[b,t] (-1: masked, no
+// loss term) with weight weights[b,t]. SFT masks prompt positions and puts
+// 1/(completion tokens) on the rest; GRPO's weighted log-prob puts
+// -advantage/normaliser on each sampled token (a negative weight is allowed).
+struct TokenBatch {
+  absl::Span<const int64_t> tokens;
+  absl::Span<const int64_t> targets;
+  absl::Span<const float> weights;
+  int64_t B = 0;
+  int64_t T = 0;
+  // Routing replay: [num_layers, B, T, experts_per_token] expert ids recorded
+  // when the tokens were sampled (StepOutputs::routes, sequence by sequence),
+  // used in place of every layer's own selection; the mixing weights are still
+  // the current router's scores of those experts. Empty: route normally.
+  absl::Span<const int32_t> replay_routes;
+  // Weight alpha of DeepSeek-V3's sequence-wise balance loss, added per row
+  // and learned-routing layer: alpha * sum_e f_e P_e (f: the row's routed
+  // fraction of expert e times E/K, P: its mean normalised score). Its
+  // gradient reaches the router weights. 0: off (the spec trains with 1e-4).
+  float balance_loss_weight = 0.0f;
+};
+
+struct WeightedLoss {
+  // sum over unmasked positions of weight * -log p(target); the caller's
+  // weights carry any normalisation.
+  double loss = 0.0;
+  // [B, T]: log p(target) at each unmasked position, 0 where masked.
+  std::vector<float> logprobs;
+  // expert_load[l][e]: tokens layer l routed to expert e in this batch (all
+  // positions, masked ones too); the input of the aux-loss-free bias update.
+  std::vector<std::vector<int64_t>> expert_load;
+  // The balance loss (0 when off). Not part of `loss`; its gradient is in the
+  // gradients too, so the optimised objective is loss + balance_loss.
+  double balance_loss = 0.0;
+};
+
+// Forward + backward of WeightedLoss::loss. Fills `grads` (when non-null) with
+// d(loss)/d(param), accumulating into entries already present. Bad batches
+// (sizes != B*T, ids outside the vocabulary, targets < -1, non-finite weights,
+// replayed routes of the wrong size, outside 0..E-1 or repeating an expert)
+// are InvalidArgument naming the field and position.
+[[nodiscard]] absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, const TokenBatch& batch,
+                                                                         Gradients* grads);
+
 // Mean next-token cross-entropy over a batch of B sequences of T tokens
 // (`tokens` is [B, T] row-major): position t predicts token t+1, averaged over
 // B*(T-1) predictions. Fills `grads` (when non-null) with d(loss)/d(param).
@@ -37,6 +84,30 @@ struct Gradients {
 // masters): such models are rejected with Unimplemented.
 [[nodiscard]] absl::StatusOr<float> NextTokenLossAndGradients(const Model& model, absl::Span<const int64_t> tokens,
                                                               int64_t B, int64_t T, Gradients* grads);
+
+// One model tensor under its transformers name (the names gradients use and
+// the loader reads), as a fresh contiguous copy the caller owns. `trainable`
+// is false for buffers (tid2eid, the router's e_score_correction_bias) and for
+// the lightning indexer, which the top-k passes no gradient.
+struct NamedTensor {
+  std::string name;
+  Tensor value;
+  bool trainable = true;
+};
+
+// Every tensor of `model` (experts fused as [E, 2I, d] gate_up_proj and
+// [E, d, I] down_proj, as transformers stores them). A TensorMap of the result
+// loads back with Model::FromTensors, sharing these tensors' storage (f32 is
+// zero-copy), so writing them in place updates that model. MXFP4-packed
+// experts are decoded exactly to f32 (a dense-expert model reloads from them).
+[[nodiscard]] absl::StatusOr<std::vector<NamedTensor>> HfTensors(const Model& model);
+
+// What `retort grad` writes: "loss" (f32 scalar, NextTokenLossAndGradients on
+// `input_ids`, i64 [B, T] with T >= 2) and "grad.<name>" (f32, the
+// parameter's shape) for every trainable tensor HfTensors names — the
+// indexer and buffers get none, as in the transformers reference.
+[[nodiscard]] absl::StatusOr<std::vector<std::pair<std::string, Tensor>>> LossAndGradientTensors(
+    const Model& model, const Tensor& input_ids);
 
 }  // namespace retort::v4
 
