@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/common/random_v4_checkpoint.h"
 #include "learner/trainer/trainer.h"
 #include "model/io/safetensors.h"
 #include "nlohmann/json.hpp"
@@ -89,92 +90,6 @@ nlohmann::json BenchConfig() {
           {"eos_token_id", 1}};
 }
 
-// A random released-layout checkpoint with f32 weights (training needs fp32 masters).
-void WriteRandomCheckpoint(const std::string& dir, const nlohmann::json& cfg) {
-  std::filesystem::create_directories(dir);
-  std::ofstream(dir + "/config.json") << cfg.dump(1);
-  std::mt19937_64 rng(42);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<std::pair<std::string, Tensor>> ts;
-  auto f32 = [&](const std::string& n, Shape shape, float mean, float sd) {
-    Tensor t = Tensor::Zeros(DType::kF32, shape);
-    for (int64_t k = 0; k < t.numel(); ++k) t.mutable_data<float>()[k] = mean + sd * nd(rng);
-    ts.emplace_back(n, t);
-  };
-  auto mat = [&](const std::string& n, int64_t o, int64_t i) {
-    f32(n, {o, i}, 0, 1.0f / std::sqrt(float(i)));
-  };
-  const int64_t d = cfg["hidden_size"], V = cfg["vocab_size"], H = cfg["num_attention_heads"],
-                D = cfg["head_dim"];
-  const int64_t dc = cfg["q_lora_rank"], G = cfg["o_groups"], dg = cfg["o_lora_rank"],
-                E = cfg["n_routed_experts"];
-  const int64_t I = cfg["moe_intermediate_size"], Hi = cfg["index_n_heads"],
-                Di = cfg["index_head_dim"];
-  const int64_t K = cfg["num_experts_per_tok"], nhash = cfg["num_hash_layers"];
-  const auto ratios = cfg["compress_ratios"];
-  const int L = cfg["num_hidden_layers"];
-  mat("embed.weight", V, d);
-  mat("head.weight", V, d);
-  f32("norm.weight", {d}, 1, 0.1f);
-  f32("hc_head_fn", {4, 4 * d}, 0, 0.02f);
-  f32("hc_head_base", {4}, 0, 0.5f);
-  f32("hc_head_scale", {1}, 1, 0.1f);
-  for (int l = 0; l < L; ++l) {
-    const std::string p = "layers." + std::to_string(l) + ".";
-    for (std::string hc : {"hc_attn_", "hc_ffn_"}) {
-      f32(p + hc + "fn", {24, 4 * d}, 0, 0.02f);
-      f32(p + hc + "base", {24}, 0, 0.5f);
-      f32(p + hc + "scale", {3}, 1, 0.1f);
-    }
-    f32(p + "attn_norm.weight", {d}, 1, 0.1f);
-    f32(p + "ffn_norm.weight", {d}, 1, 0.1f);
-    mat(p + "attn.wq_a.weight", dc, d);
-    f32(p + "attn.q_norm.weight", {dc}, 1, 0.1f);
-    mat(p + "attn.wq_b.weight", H * D, dc);
-    mat(p + "attn.wkv.weight", D, d);
-    f32(p + "attn.kv_norm.weight", {D}, 1, 0.1f);
-    mat(p + "attn.wo_a.weight", G * dg, H * D / G);
-    mat(p + "attn.wo_b.weight", d, G * dg);
-    f32(p + "attn.attn_sink", {H}, 0, 0.5f);
-    const int m = ratios[l];
-    if (m) {
-      const int64_t coff = m == 4 ? 2 : 1;
-      mat(p + "attn.compressor.wkv.weight", coff * D, d);
-      mat(p + "attn.compressor.wgate.weight", coff * D, d);
-      f32(p + "attn.compressor.ape", {m, coff * D}, 0, 0.5f);
-      f32(p + "attn.compressor.norm.weight", {D}, 1, 0.1f);
-      if (m == 4) {
-        mat(p + "attn.indexer.wq_b.weight", Hi * Di, dc);
-        mat(p + "attn.indexer.weights_proj.weight", Hi, d);
-        mat(p + "attn.indexer.compressor.wkv.weight", 2 * Di, d);
-        mat(p + "attn.indexer.compressor.wgate.weight", 2 * Di, d);
-        f32(p + "attn.indexer.compressor.ape", {m, 2 * Di}, 0, 0.5f);
-        f32(p + "attn.indexer.compressor.norm.weight", {Di}, 1, 0.1f);
-      }
-    }
-    mat(p + "ffn.gate.weight", E, d);
-    if (l < nhash) {
-      Tensor t = Tensor::Zeros(DType::kI64, {V, K});
-      for (int64_t v = 0; v < V; ++v)
-        for (int64_t k = 0; k < K; ++k) t.mutable_data<int64_t>()[v * K + k] = (v * 7 + k * 3) % E;
-      ts.emplace_back(p + "ffn.gate.tid2eid", t);
-    } else {
-      f32(p + "ffn.gate.bias", {E}, 0, 0.1f);
-    }
-    for (int64_t e = 0; e < E; ++e) {
-      const std::string x = p + "ffn.experts." + std::to_string(e) + ".";
-      mat(x + "w1.weight", I, d);
-      mat(x + "w3.weight", I, d);
-      mat(x + "w2.weight", d, I);
-    }
-    mat(p + "ffn.shared_experts.w1.weight", I, d);
-    mat(p + "ffn.shared_experts.w3.weight", I, d);
-    mat(p + "ffn.shared_experts.w2.weight", d, I);
-  }
-  auto s = io::WriteSafetensors(dir + "/model.safetensors", ts);
-  if (!s.ok()) std::fprintf(stderr, "%s\n", s.ToString().c_str());
-}
-
 }  // namespace
 }  // namespace retort
 
@@ -186,7 +101,10 @@ int main(int argc, char** argv) {
               sysconf(_SC_NPROCESSORS_ONLN), ceiling);
   const std::string dir =
       std::filesystem::temp_directory_path() / ("retort_train_bench_" + std::to_string(getpid()));
-  WriteRandomCheckpoint(dir, BenchConfig());
+  if (absl::Status s = bench::WriteRandomV4Checkpoint(dir, BenchConfig(), bench::RandomWeights::kTrainable); !s.ok()) {
+    std::fprintf(stderr, "%s\n", s.ToString().c_str());
+    return 1;
+  }
   trainer::TrainerOptions options;
   options.optimizer.schedule.peak_lr = 1e-3;
   auto t = trainer::Trainer::FromModelDir(dir, options);
