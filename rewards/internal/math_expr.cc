@@ -248,29 +248,13 @@ class Parser {
     if (base == nullptr) return nullptr;
     if (Peek() == '^') {
       ++i_;
-      ExprPtr exponent = ParseExponent();
+      // The exponent is a signed factor with its own power, or a braced
+      // group: "2^-1", "x^2", "e^x", "2^{10}", right-associative "2^3^2".
+      ExprPtr exponent = ParseUnary();
       if (exponent == nullptr) return nullptr;
       return Make(Expr::kPow, {base, exponent});
     }
     return base;
-  }
-
-  // After '^': a braced group, or a signed single factor with its own power
-  // ("2^-1", "x^2", "e^x", "2^10").
-  ExprPtr ParseExponent() {
-    DepthGuard guard(&depth_);
-    if (depth_ > kMaxDepth) {
-      Error("nested too deeply");
-      return nullptr;
-    }
-    const char c = Peek();
-    if (c == '-' || c == '+') {
-      ++i_;
-      ExprPtr operand = ParseExponent();
-      if (operand == nullptr) return nullptr;
-      return c == '-' ? Make(Expr::kNeg, {operand}) : operand;
-    }
-    return ParsePower();
   }
 
   ExprPtr ParsePostfix() {
@@ -338,7 +322,7 @@ class Parser {
     ExprPtr power;
     if (Peek() == '^') {
       ++i_;
-      power = ParseExponent();
+      power = ParseUnary();
       if (power == nullptr) return nullptr;
     }
     ExprPtr arg;
