@@ -15,6 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "controller/command.h"
 #include "controller/flags.h"
+#include "controller/model_backend.h"
 #include "model/base/status_macros.h"
 #include "model/io/safetensors.h"
 #include "model/tokenizer/chat_template.h"
@@ -51,22 +52,6 @@ using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
-absl::StatusOr<std::unique_ptr<v4::Model>> LoadModelFromFlags() {
-  const std::string dir = absl::GetFlag(FLAGS_model);
-  // The CPU thread pool reads RETORT_NUM_THREADS when first used.
-  if (absl::GetFlag(FLAGS_threads) > 0) setenv("RETORT_NUM_THREADS", std::to_string(absl::GetFlag(FLAGS_threads)).c_str(), 1);
-  if (dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
-  if (absl::GetFlag(FLAGS_device) != "cpu")
-    return absl::UnimplementedError(absl::StrCat("--device ", absl::GetFlag(FLAGS_device),
-                                                 ": this build runs the model on cpu only"));
-  v4::Numerics numerics;
-  const std::string n = absl::GetFlag(FLAGS_numerics);
-  if (n == "exact") numerics = v4::Numerics::kExact;
-  else if (n == "deployment") numerics = v4::Numerics::kDeployment;
-  else return absl::InvalidArgumentError(absl::StrCat("--numerics must be exact or deployment, got '", n, "'"));
-  return v4::Model::Load(dir, numerics);
-}
-
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "retort: %s\n", s.ToString().c_str());
   return 1;
@@ -88,14 +73,16 @@ void Progress(const char* what, int64_t done, int64_t total, double secs, int64_
 }
 
 absl::Status Forward() {
-  ASSIGN_OR_RETURN(auto model, LoadModelFromFlags());
   const std::string in_path = absl::GetFlag(FLAGS_input), out_path = absl::GetFlag(FLAGS_output);
   if (in_path.empty() || out_path.empty()) return absl::InvalidArgumentError("--input and --output are required");
   ASSIGN_OR_RETURN(auto in, io::SafetensorsFile::Open(in_path));
   ASSIGN_OR_RETURN(Tensor ids, in->Get("input_ids"));
   if (ids.rank() != 2 || (ids.dtype() != DType::kI64 && ids.dtype() != DType::kI32))
     return absl::InvalidArgumentError(absl::StrCat(in_path, ": input_ids must be int64 [B, T], got ", ids.DebugString()));
-  const int64_t B = ids.dim(0), T = ids.dim(1), V = model->config().vocab_size;
+  const int64_t B = ids.dim(0), T = ids.dim(1);
+  // Two sets of sequences: the full forward and the --decode-from run.
+  ASSIGN_OR_RETURN(auto model, LoadBackendFromFlags(static_cast<int>(2 * B), T));
+  const int64_t V = model->config().vocab_size;
   std::vector<int64_t> tok(B * T);
   for (int64_t i = 0; i < B * T; ++i)
     tok[i] = ids.dtype() == DType::kI64 ? ids.data<int64_t>()[i] : ids.data<int32_t>()[i];
@@ -103,26 +90,25 @@ absl::Status Forward() {
   std::vector<std::pair<std::string, Tensor>> outputs;
   const auto t0 = Clock::now();
   {
-    std::vector<std::unique_ptr<v4::DecodeState>> states;
-    std::vector<v4::Model::Chunk> chunks;
+    std::vector<ModelBackend::Chunk> chunks;
     for (int64_t b = 0; b < B; ++b) {
-      states.push_back(model->NewState());
-      chunks.push_back({states.back().get(), absl::MakeConstSpan(tok.data() + b * T, T)});
+      ASSIGN_OR_RETURN(int seq, model->NewSequence());
+      chunks.push_back({seq, absl::MakeConstSpan(tok.data() + b * T, T)});
     }
     ASSIGN_OR_RETURN(std::vector<float> logits, model->Step(chunks));
     outputs.emplace_back("logits", Tensor::FromF32(logits, {B, T, V}));
   }
-  std::fprintf(stderr, "forward: %lld x %lld tokens in %.3fs (%.1f tok/s)\n", static_cast<long long>(B),
+  std::fprintf(stderr, "forward on %s: %lld x %lld tokens in %.3fs (%.1f tok/s)\n", model->Describe().c_str(),
+               static_cast<long long>(B),
                static_cast<long long>(T), Seconds(t0, Clock::now()), B * T / Seconds(t0, Clock::now()));
   const int64_t P = absl::GetFlag(FLAGS_decode_from);
   if (P >= 0) {
     if (P < 1 || P >= T)
       return absl::InvalidArgumentError(absl::StrCat("--decode-from must be in [1, ", T - 1, "], got ", P));
-    std::vector<std::unique_ptr<v4::DecodeState>> states;
-    std::vector<v4::Model::Chunk> chunks;
+    std::vector<ModelBackend::Chunk> chunks;
     for (int64_t b = 0; b < B; ++b) {
-      states.push_back(model->NewState());
-      chunks.push_back({states.back().get(), absl::MakeConstSpan(tok.data() + b * T, P)});
+      ASSIGN_OR_RETURN(int seq, model->NewSequence());
+      chunks.push_back({seq, absl::MakeConstSpan(tok.data() + b * T, P)});
     }
     RETURN_IF_ERROR(model->Step(chunks).status());
     std::vector<float> dec(B * (T - P) * V);
@@ -241,10 +227,6 @@ absl::Status GenerateOnWorkers(const std::vector<int64_t>& prompt, const rollout
 
 absl::Status Generate() {
   const bool remote = !absl::GetFlag(FLAGS_worker).empty();
-  std::unique_ptr<v4::Model> model;
-  if (!remote) {
-    ASSIGN_OR_RETURN(model, LoadModelFromFlags());
-  }
   const std::string prompt_text = absl::GetFlag(FLAGS_prompt);
   if (prompt_text.empty() == absl::GetFlag(FLAGS_tokens).empty())
     return absl::InvalidArgumentError("give exactly one of --tokens \"1 2 3\" or --prompt \"text\"");
@@ -276,11 +258,12 @@ absl::Status Generate() {
   const int32_t max_new = absl::GetFlag(FLAGS_max_new_tokens);
   if (max_new < 0) return absl::InvalidArgumentError("--max-new-tokens must be >= 0");
   if (remote) return GenerateOnWorkers(prompt, sp, max_new, tok.get(), mode);
+  ASSIGN_OR_RETURN(auto model, LoadBackendFromFlags(1, static_cast<int64_t>(prompt.size()) + max_new));
   rollout::Sampler sampler(sp);
-  auto state = model->NewState();
+  ASSIGN_OR_RETURN(int seq, model->NewSequence());
   const int64_t V = model->config().vocab_size;
   const int64_t eos = tok && tok->eos_id() ? *tok->eos_id() : model->config().eos_token_id;
-  std::vector<v4::Model::Chunk> chunk = {{state.get(), prompt}};
+  std::vector<ModelBackend::Chunk> chunk = {{seq, prompt}};
   const auto t0 = Clock::now();
   ASSIGN_OR_RETURN(std::vector<float> logits, model->Step(chunk));
   const double prefill_s = Seconds(t0, Clock::now());
@@ -311,8 +294,8 @@ absl::Status Generate() {
     std::printf("%s\n", line.c_str());
   }
   const double decode_s = Seconds(t1, Clock::now());
-  std::fprintf(stderr, "prompt %zu tokens (prefill %.3fs), generated %zu tokens in %.3fs (%.1f tok/s), sum log-prob %.3f\n",
-               prompt.size(), prefill_s, out.size(), decode_s, out.size() / std::max(decode_s, 1e-9), sum_logprob);
+  std::fprintf(stderr, "%s: prompt %zu tokens (prefill %.3fs), generated %zu tokens in %.3fs (%.1f tok/s), sum log-prob %.3f\n",
+               model->Describe().c_str(), prompt.size(), prefill_s, out.size(), decode_s, out.size() / std::max(decode_s, 1e-9), sum_logprob);
   PrintCompletionSummary(tok.get(), mode, out);
   return absl::OkStatus();
 }
@@ -335,7 +318,7 @@ std::string Human(double bytes) {
 }
 
 absl::Status Inspect() {
-  ASSIGN_OR_RETURN(auto model, LoadModelFromFlags());
+  ASSIGN_OR_RETURN(auto model, LoadCpuModelFromFlags());
   const io::V4Config& c = model->config();
   std::printf("model        %s (%s layout)\n", absl::GetFlag(FLAGS_model).c_str(),
               c.layout == io::CheckpointLayout::kHf ? "HF" : "released");

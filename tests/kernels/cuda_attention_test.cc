@@ -7,6 +7,7 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -169,7 +170,8 @@ TEST(CudaAttentionTest, IndexerScoresAndTopKMatchCpu) {
   RETORT_SKIP_WITHOUT_CUDA();
   const uint64_t seed = 32;
   std::mt19937_64 rng(seed);
-  const int Hi = 8, Di = 128;
+  // (Hi, Di): a small shape, the fixtures' Di = 16 (below a warp) and V4-Flash's 64 x 128.
+  for (auto [Hi, Di] : {std::pair<int, int>{8, 128}, {8, 16}, {64, 128}})
   for (int64_t cap : {int64_t{1}, int64_t{7}, int64_t{19}, int64_t{111}, int64_t{989}, int64_t{5000}}) {
     const int64_t B = 3;
     const int k = 64;
@@ -192,8 +194,10 @@ TEST(CudaAttentionTest, IndexerScoresAndTopKMatchCpu) {
       const int64_t n = visible[b];
       auto want = CpuIndexerScores(q.data() + b * Hi * Di, w.data() + b * Hi, keys.data() + b * cap * Di, n, Hi, Di);
       std::vector<float> got(gs.begin() + b * cap, gs.begin() + b * cap + n);
-      // Bound: 128-term dots in another order, 8 heads: 2e-5 absolute (|q|,|k| <= 1).
-      EXPECT_TRUE(AllClose(got, want, 2e-5f, 1e-5f, seed, "indexer scores cap=" + std::to_string(cap)));
+      // Bound: same summation order as the CPU up to FMA contraction: 2e-5 absolute (|q|,|k| <= 1).
+      EXPECT_TRUE(AllClose(got, want, 2e-5f, 1e-5f, seed,
+                           "indexer scores Hi=" + std::to_string(Hi) + " Di=" + std::to_string(Di) +
+                               " cap=" + std::to_string(cap)));
       // Selection is exact against the CPU's top-k over the device's scores...
       auto want_sel = CpuTopK(got, k);
       ASSERT_EQ(gcount[b], static_cast<int32_t>(want_sel.size())) << "seed " << seed << " cap " << cap;
@@ -269,6 +273,62 @@ TEST(CudaAttentionTest, DecodeAttentionWithSinksMatchesCpu) {
     EXPECT_TRUE(AllClose(Down<float>(dout, want.size()), want, 2e-5f, 1e-5f, seed,
                          "attention H=" + std::to_string(k.H) + " D=" + std::to_string(D)));
   }
+}
+
+// StepAttention's split-KV path (few rows: decode) against its one-block-per-
+// row path (which the model tests hold to the reference), at odd row counts
+// and key counts, ring + this step's rows + compressed entries (HCA: all
+// visible; CSA: a selection). Bound: the splits merge in another order,
+// 1e-5 relative on the output (softmax-weighted averages of |v| <= 1).
+TEST(CudaAttentionTest, StepAttentionSplitKvMatchesSingleBlock) {
+  RETORT_SKIP_WITHOUT_CUDA();
+  const uint64_t seed = 34;
+  std::mt19937_64 rng(seed);
+  const int64_t H = 19, D = 96, win = 7, cap = 989, slots = 3;
+  for (bool csa : {false, true})
+    for (int64_t rows_per_seq : {int64_t{1}, int64_t{7}}) {
+      const int S = 3;
+      const int64_t N = S * rows_per_seq;
+      std::vector<int32_t> row_seq, seq_slot = {2, 0, 1}, seq_row0, count, selected;
+      std::vector<int64_t> positions, seq_p0 = {5, 111, 900};
+      const int64_t sel_stride = 64;
+      for (int s = 0; s < S; ++s) {
+        seq_row0.push_back(static_cast<int32_t>(s * rows_per_seq));
+        for (int64_t t = 0; t < rows_per_seq; ++t) {
+          row_seq.push_back(s);
+          const int64_t p = seq_p0[s] + t;
+          positions.push_back(p);
+          const int64_t vis = std::min<int64_t>((p + 1) / 4, cap);
+          const int64_t c = csa ? std::min<int64_t>(vis, sel_stride) : vis;
+          count.push_back(static_cast<int32_t>(c));
+          for (int64_t j = 0; j < sel_stride; ++j)
+            selected.push_back(static_cast<int32_t>(j < c ? (vis > 0 ? (j * 7) % vis : 0) : 0));
+        }
+      }
+      auto q = RandomFloats(rng, N * H * D), kv = RandomFloats(rng, N * D);
+      auto ring = RandomFloats(rng, slots * win * D), entries = RandomFloats(rng, slots * cap * D);
+      auto sinks = RandomFloats(rng, H);
+      auto dq = Up(q), dkv = Up(kv), dring = Up(ring), dent = Up(entries), dsinks = Up(sinks);
+      auto drs = Up(row_seq), dpos = Up(positions), dslot = Up(seq_slot), dp0 = Up(seq_p0), dr0 = Up(seq_row0);
+      auto dcount = Up(count), dsel = Up(selected);
+      cuda::StepAttentionArgs a;
+      a.N = N, a.H = H, a.D = D, a.q = dq.as<float>(), a.kv = dkv.as<float>(), a.ring = dring.as<float>(), a.win = win;
+      a.row_seq = drs.as<int32_t>(), a.positions = dpos.as<int64_t>(), a.seq_slot = dslot.as<int32_t>();
+      a.seq_p0 = dp0.as<int64_t>(), a.seq_row0 = dr0.as<int32_t>(), a.entries = dent.as<float>(), a.cap = cap;
+      a.selected = csa ? dsel.as<int32_t>() : nullptr, a.sel_stride = sel_stride, a.count = dcount.as<int32_t>();
+      a.sinks = dsinks.as<float>();
+      auto one = Zeros(N * H * D * 4), split = Zeros(N * H * D * 4);
+      a.out = one.as<float>();
+      ASSERT_TRUE(cuda::StepAttention(a, nullptr).ok());
+      a.max_keys = win + *std::max_element(count.begin(), count.end());
+      ASSERT_GT(cuda::StepAttentionSplits(N, H, a.max_keys), 1);
+      auto scratch = Zeros(4 * cuda::StepAttentionScratchFloats(N, H, D, a.max_keys));
+      a.partial = scratch.as<float>();
+      a.out = split.as<float>();
+      ASSERT_TRUE(cuda::StepAttention(a, nullptr).ok());
+      EXPECT_TRUE(AllClose(Down<float>(split, N * H * D), Down<float>(one, N * H * D), 1e-5f, 1e-5f, seed,
+                           std::string(csa ? "csa" : "hca") + " rows/seq=" + std::to_string(rows_per_seq)));
+    }
 }
 
 }  // namespace

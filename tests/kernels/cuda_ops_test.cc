@@ -155,7 +155,7 @@ TEST(CudaOpsTest, MhcPrePostAndHeadMatchModelRunner) {
   const uint64_t seed = 15;
   std::mt19937_64 rng(seed);
   for (int64_t rows : kRows)
-    for (int64_t d : {int64_t{19}, int64_t{256}}) {
+    for (int64_t d : {int64_t{19}, int64_t{256}, int64_t{1100}}) {  // 1100: 5 slices on the split path
       cuda::HcParams p;
       p.hc = 4;
       p.d = d;
@@ -177,6 +177,16 @@ TEST(CudaOpsTest, MhcPrePostAndHeadMatchModelRunner) {
       EXPECT_TRUE(AllClose(Down<float>(dpost, post.size()), post, 2e-5f, 0.0f, seed, "post" + tag));
       EXPECT_TRUE(AllClose(Down<float>(dcomb, comb.size()), comb, 2e-5f, 0.0f, seed, "comb" + tag));
       EXPECT_TRUE(AllClose(Down<float>(du, u.size()), u, 2e-5f, 2e-5f, seed, "u" + tag));
+      {  // The split path (decode), same bounds.
+        auto scratch = Zeros(4 * cuda::HcScratchFloats(p, rows));
+        auto su = Zeros(u.size() * 4), spost = Zeros(post.size() * 4), scomb = Zeros(comb.size() * 4);
+        ASSERT_TRUE(cuda::HcPre(p, dX.as<float>(), rows, dfn.as<float>(), dbase.as<float>(), dscale.as<float>(),
+                                su.as<float>(), spost.as<float>(), scomb.as<float>(), scratch.as<float>(), nullptr)
+                        .ok());
+        EXPECT_TRUE(AllClose(Down<float>(spost, post.size()), post, 2e-5f, 0.0f, seed, "split post" + tag));
+        EXPECT_TRUE(AllClose(Down<float>(scomb, comb.size()), comb, 2e-5f, 0.0f, seed, "split comb" + tag));
+        EXPECT_TRUE(AllClose(Down<float>(su, u.size()), u, 2e-5f, 2e-5f, seed, "split u" + tag));
+      }
 
       // HcPost on the device's own post/comb, against the CPU loop on the same inputs.
       auto F = RandomFloats(rng, rows * d);
@@ -215,6 +225,11 @@ TEST(CudaOpsTest, MhcPrePostAndHeadMatchModelRunner) {
       auto dy = Zeros(y.size() * 4);
       ASSERT_TRUE(cuda::HcHead(p, dX2.as<float>(), rows, dhfn.as<float>(), dhbase.as<float>(), dhscale.as<float>(), dy.as<float>(), nullptr).ok());
       EXPECT_TRUE(AllClose(Down<float>(dy, y.size()), y, 2e-5f, 2e-5f, seed, "hc_head" + tag));
+      auto scratch = Zeros(4 * cuda::HcScratchFloats(p, rows));
+      auto sy = Zeros(y.size() * 4);
+      ASSERT_TRUE(cuda::HcHead(p, dX2.as<float>(), rows, dhfn.as<float>(), dhbase.as<float>(), dhscale.as<float>(),
+                               sy.as<float>(), scratch.as<float>(), nullptr).ok());
+      EXPECT_TRUE(AllClose(Down<float>(sy, y.size()), y, 2e-5f, 2e-5f, seed, "split hc_head" + tag));
     }
 }
 

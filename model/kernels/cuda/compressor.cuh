@@ -47,6 +47,29 @@ struct CompressorStateView {
                                                 const float* inv_freq, const int64_t* positions,
                                                 CompressorStateView state, cudaStream_t stream);
 
+// The compressor over a step of the whole model (prefill chunks and decode
+// alike), matching ModelRunner::Compress for every chunk: chunk s (S of them)
+// appends rows seq_row0[s] .. +seq_T[s] of kv/score (positions seq_p0[s]..)
+// to the state of slot seq_slot[s], emitting every entry whose window closes
+// inside the chunk. State arrays are pools indexed by slot ([slots, m, w],
+// [slots, m, c], [slots, cap, c]). `max_emit` bounds the entries any chunk
+// emits (a host-side bound, e.g. max_T / m + 1; blocks beyond a chunk's
+// count exit) and `max_T` the rows of any chunk. Three launches: emission,
+// then the CSA prev-window rows, then the open window's pending rows.
+struct CompressorChunks {
+  int S = 0;
+  const int32_t* seq_slot = nullptr;  // [S]
+  const int64_t* seq_p0 = nullptr;    // [S]
+  const int32_t* seq_row0 = nullptr;  // [S]
+  const int32_t* seq_T = nullptr;     // [S]
+  int64_t max_T = 0;
+  int64_t max_emit = 0;
+};
+
+[[nodiscard]] absl::Status CompressorStep(const CompressorShape& s, const CompressorChunks& chunks, const float* kv,
+                                          const float* score, const float* ape, const float* norm,
+                                          const float* inv_freq, CompressorStateView state, cudaStream_t stream);
+
 }  // namespace retort::cuda
 
 #endif  // RETORT_MODEL_KERNELS_CUDA_COMPRESSOR_CUH_

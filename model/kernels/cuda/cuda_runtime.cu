@@ -68,6 +68,29 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
   return *this;
 }
 
+PinnedHostBuffer::~PinnedHostBuffer() {
+  if (ptr_) cudaFreeHost(ptr_);
+}
+
+PinnedHostBuffer& PinnedHostBuffer::operator=(PinnedHostBuffer&& o) noexcept {
+  if (this != &o) {
+    if (ptr_) cudaFreeHost(ptr_);
+    ptr_ = o.ptr_;
+    bytes_ = o.bytes_;
+    o.ptr_ = nullptr;
+    o.bytes_ = 0;
+  }
+  return *this;
+}
+
+absl::StatusOr<PinnedHostBuffer> PinnedHostBuffer::Allocate(size_t bytes) {
+  PinnedHostBuffer b;
+  if (bytes == 0) return b;
+  RETORT_CUDA_RETURN(cudaMallocHost(&b.ptr_, bytes));
+  b.bytes_ = bytes;
+  return b;
+}
+
 absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes) {
   DeviceBuffer b;
   if (bytes == 0) return b;

@@ -65,6 +65,25 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
+// Owns `bytes` of page-locked host memory from cudaMallocHost (staging for
+// asynchronous copies and CUDA-graph memcpy nodes). Move-only.
+class PinnedHostBuffer {
+ public:
+  PinnedHostBuffer() = default;
+  ~PinnedHostBuffer();
+  PinnedHostBuffer(PinnedHostBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr, o.bytes_ = 0; }
+  PinnedHostBuffer& operator=(PinnedHostBuffer&& o) noexcept;
+  PinnedHostBuffer(const PinnedHostBuffer&) = delete;
+  PinnedHostBuffer& operator=(const PinnedHostBuffer&) = delete;
+  [[nodiscard]] static absl::StatusOr<PinnedHostBuffer> Allocate(size_t bytes);
+  void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 // Owns a non-blocking cudaStream_t. Move-only.
 class Stream {
  public:

@@ -92,6 +92,32 @@ absl::Status MatMulBf16(const Blas& blas, const uint16_t* x, int64_t T, int64_t 
   return absl::OkStatus();
 }
 
+absl::Status GroupedProjectionF32(const Blas& blas, const float* x, int64_t T, int64_t ldx, int G, int64_t per,
+                                  const float* w, int64_t dg, float* y, cudaStream_t stream) {
+  if (absl::Status s = CheckDims(T, ldx, G * dg); !s.ok()) return s;
+  if (T == 0 || G == 0 || dg == 0) return absl::OkStatus();
+  RETORT_CUBLAS_RETURN(cublasSetStream(blas.get(), stream));
+  const float alpha = 1.0f, beta = 0.0f;
+  // Per group, column-major: y_g^T [dg, T] (ld G*dg) = W_g [dg, per] * x_g^T [per, T] (ld ldx).
+  RETORT_CUBLAS_RETURN(cublasSgemmStridedBatched(
+      blas.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(dg), static_cast<int>(T), static_cast<int>(per), &alpha,
+      w, static_cast<int>(per), dg * per, x, static_cast<int>(ldx), per, &beta, y, static_cast<int>(G * dg), dg, G));
+  return absl::OkStatus();
+}
+
+absl::Status GroupedProjectionBf16(const Blas& blas, const uint16_t* x, int64_t T, int64_t ldx, int G, int64_t per,
+                                   const uint16_t* w, int64_t dg, float* y, cudaStream_t stream) {
+  if (absl::Status s = CheckDims(T, ldx, G * dg); !s.ok()) return s;
+  if (T == 0 || G == 0 || dg == 0) return absl::OkStatus();
+  RETORT_CUBLAS_RETURN(cublasSetStream(blas.get(), stream));
+  const float alpha = 1.0f, beta = 0.0f;
+  RETORT_CUBLAS_RETURN(cublasGemmStridedBatchedEx(
+      blas.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(dg), static_cast<int>(T), static_cast<int>(per), &alpha,
+      w, CUDA_R_16BF, static_cast<int>(per), dg * per, x, CUDA_R_16BF, static_cast<int>(ldx), per, &beta, y,
+      CUDA_R_32F, static_cast<int>(G * dg), dg, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return absl::OkStatus();
+}
+
 absl::Status F32ToBf16(const float* src, int64_t n, uint16_t* dst, cudaStream_t stream) {
   if (n == 0) return absl::OkStatus();
   const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);

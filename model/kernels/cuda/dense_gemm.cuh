@@ -42,6 +42,17 @@ class Blas {
 [[nodiscard]] absl::Status MatMulBf16(const Blas& blas, const uint16_t* x, int64_t T, int64_t in, const uint16_t* w,
                                       int64_t out, float* y, cudaStream_t stream);
 
+// The grouped output projection (V4_SPEC.md §2.2): x [T, G * per] (row
+// stride ldx >= G * per), w [G, dg, per]; y [T, G * dg] with
+// y[t, g*dg + j] = sum_i x[t, g*per + i] * w[g, j, i]. One strided-batched
+// GEMM; f32 (pedantic) or bf16 inputs with f32 output.
+[[nodiscard]] absl::Status GroupedProjectionF32(const Blas& blas, const float* x, int64_t T, int64_t ldx, int G,
+                                                int64_t per, const float* w, int64_t dg, float* y,
+                                                cudaStream_t stream);
+[[nodiscard]] absl::Status GroupedProjectionBf16(const Blas& blas, const uint16_t* x, int64_t T, int64_t ldx, int G,
+                                                 int64_t per, const uint16_t* w, int64_t dg, float* y,
+                                                 cudaStream_t stream);
+
 // dst[i] = bf16(src[i]) rounding to nearest even (NaN stays NaN).
 [[nodiscard]] absl::Status F32ToBf16(const float* src, int64_t n, uint16_t* dst, cudaStream_t stream);
 

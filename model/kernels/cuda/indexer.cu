@@ -10,39 +10,64 @@
 namespace retort::cuda {
 namespace {
 
-constexpr int kWarps = 8;
+constexpr int kEntriesPerBlock = 64;  // threads per scoring block, one entry each
 constexpr int kTopKThreads = 512;
 
-// grid (ceil(cap / kWarps), B); q[b] staged in shared memory; one warp per entry.
-__global__ void __launch_bounds__(kWarps * 32) IndexerScoresKernel(const float* __restrict__ q,
-                                                                   const float* __restrict__ w,
-                                                                   const float* __restrict__ keys,
-                                                                   const int32_t* __restrict__ visible, int Hi, int Di,
-                                                                   int64_t cap, float* __restrict__ scores) {
-  extern __shared__ float qs[];
+// Note [Indexer scoring layout]: one thread per entry. q[b] (Hi x Di) and
+// w[b] are staged in shared memory (every lane reads the same address: a
+// broadcast); each thread streams its key in 32-value chunks and keeps the
+// dot products of 16 heads in registers, so there are no shuffles. Each
+// head's dot is summed in dimension order and the heads in head order —
+// the CPU loop's order — which keeps ties (and top-k) aligned with it.
+constexpr int kHeadGroup = 16;
+constexpr int kKeyChunk = 32;
+
+// grid (ceil(cap / kEntriesPerBlock), B), kEntriesPerBlock threads.
+__global__ void __launch_bounds__(kEntriesPerBlock) IndexerScoresKernel(const float* __restrict__ q,
+                                                                        const float* __restrict__ w,
+                                                                        const float* __restrict__ keys,
+                                                                        const int32_t* __restrict__ row_slot,
+                                                                        const int32_t* __restrict__ visible, int Hi,
+                                                                        int Di, int64_t cap, int64_t score_stride,
+                                                                        float* __restrict__ scores) {
+  extern __shared__ float qs[];  // [Hi * Di] then w [Hi]
   const int64_t b = blockIdx.y;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kEntriesPerBlock;
+  const int64_t vis = visible[b];
+  if (s0 >= vis) return;  // uniform across the block
+  float* ws = qs + Hi * Di;
   for (int i = threadIdx.x; i < Hi * Di; i += blockDim.x) qs[i] = q[b * Hi * Di + i];
+  for (int i = threadIdx.x; i < Hi; i += blockDim.x) ws[i] = w[b * Hi + i];
   __syncthreads();
-  const int lane = threadIdx.x & 31;
-  const int64_t s = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (s >= visible[b]) return;
-  const float* k = keys + (b * cap + s) * Di;
-  float kr[16];  // Di <= 512
-  const int per = Di / 32;
-#pragma unroll
-  for (int i = 0; i < 16; ++i)
-    if (i < per) kr[i] = k[lane + 32 * i];
+  const int64_t s = s0 + threadIdx.x;
+  if (s >= vis) return;
+  const int64_t slot = row_slot ? row_slot[b] : b;
+  const float* k = keys + (slot * cap + s) * Di;
   const float wscale = 1.0f / sqrtf(static_cast<float>(Hi)), sscale = 1.0f / sqrtf(static_cast<float>(Di));
   float acc = 0.0f;
-  for (int h = 0; h < Hi; ++h) {
-    float dot = 0.0f;
+  for (int h0 = 0; h0 < Hi; h0 += kHeadGroup) {
+    float dot[kHeadGroup];
 #pragma unroll
-    for (int i = 0; i < 16; ++i)
-      if (i < per) dot += qs[h * Di + lane + 32 * i] * kr[i];
-    dot = internal::WarpSum(dot);
-    acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(fmaxf(dot, 0.0f), sscale), __fmul_rn(w[b * Hi + h], wscale)));
+    for (int h = 0; h < kHeadGroup; ++h) dot[h] = 0.0f;
+    for (int e0 = 0; e0 < Di; e0 += kKeyChunk) {
+      float kr[kKeyChunk];
+#pragma unroll
+      for (int e = 0; e < kKeyChunk; ++e) kr[e] = e0 + e < Di ? __ldg(k + e0 + e) : 0.0f;
+#pragma unroll
+      for (int h = 0; h < kHeadGroup; ++h) {
+        if (h0 + h >= Hi) break;
+        const float* qh = qs + (h0 + h) * Di + e0;
+#pragma unroll
+        for (int e = 0; e < kKeyChunk; ++e)
+          if (e0 + e < Di) dot[h] = __fmaf_rn(qh[e], kr[e], dot[h]);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < kHeadGroup; ++h)
+      if (h0 + h < Hi)
+        acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(fmaxf(dot[h], 0.0f), sscale), __fmul_rn(ws[h0 + h], wscale)));
   }
-  if (lane == 0) scores[b * cap + s] = acc;
+  scores[b * score_stride + s] = acc;
 }
 
 // One block per row: a 4-pass radix select (8 bits each) of the k-th largest
@@ -113,21 +138,28 @@ __global__ void __launch_bounds__(kTopKThreads) TopKKernel(const float* __restri
 
 }  // namespace
 
-absl::Status IndexerScores(const float* q, const float* w, const float* keys, const int32_t* visible, int64_t B,
-                           int Hi, int Di, int64_t cap, float* scores, cudaStream_t stream) {
-  if (Di % 32 != 0 || Di > 512 || Hi < 1 || static_cast<int64_t>(Hi) * Di > 16384)
-    return absl::InvalidArgumentError(absl::StrCat("IndexerScores: need Di % 32 == 0, Di <= 512, Hi*Di <= 16384; got Hi=",
+absl::Status IndexerScoresForRows(const float* q, const float* w, const float* keys, int64_t cap,
+                                  const int32_t* row_slot, const int32_t* visible, int64_t B, int Hi, int Di,
+                                  float* scores, int64_t score_stride, cudaStream_t stream) {
+  if (Di < 1 || Di > 512 || Hi < 1 || static_cast<int64_t>(Hi) * Di > 16384)
+    return absl::InvalidArgumentError(absl::StrCat("IndexerScores: need 1 <= Di <= 512, Hi*Di <= 16384; got Hi=",
                                                    Hi, " Di=", Di));
   if (B == 0 || cap == 0) return absl::OkStatus();
   if (B > 65535) return absl::InvalidArgumentError(absl::StrCat("IndexerScores: B ", B, " > 65535"));
-  const size_t smem = sizeof(float) * Hi * Di;
+  const size_t smem = sizeof(float) * (Hi * Di + Hi);
   if (smem > 48 * 1024)
     RETORT_CUDA_RETURN(cudaFuncSetAttribute(IndexerScoresKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>((cap + kWarps - 1) / kWarps), static_cast<unsigned>(B));
-  IndexerScoresKernel<<<grid, kWarps * 32, smem, stream>>>(q, w, keys, visible, Hi, Di, cap, scores);
+  const dim3 grid(static_cast<unsigned>((cap + kEntriesPerBlock - 1) / kEntriesPerBlock), static_cast<unsigned>(B));
+  IndexerScoresKernel<<<grid, kEntriesPerBlock, smem, stream>>>(q, w, keys, row_slot, visible, Hi, Di, cap, score_stride,
+                                                           scores);
   RETORT_CUDA_LAUNCH_CHECK();
   return absl::OkStatus();
+}
+
+absl::Status IndexerScores(const float* q, const float* w, const float* keys, const int32_t* visible, int64_t B,
+                           int Hi, int Di, int64_t cap, float* scores, cudaStream_t stream) {
+  return IndexerScoresForRows(q, w, keys, cap, nullptr, visible, B, Hi, Di, scores, cap, stream);
 }
 
 absl::Status TopKAscending(const float* scores, const int32_t* n, int64_t B, int64_t stride, int k, int32_t* selected,

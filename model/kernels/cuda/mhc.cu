@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(kThreads) HcPreKernel(HcParams p, const float*
 
 __global__ void HcPostKernel(int hc, int64_t d, const float* __restrict__ F, const float* __restrict__ post,
                              const float* __restrict__ comb, float* X) {
-  const int64_t r = blockIdx.y;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t r = blockIdx.x;
+  const int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (i >= d) return;
   float old[4];
   float* xr = X + r * hc * d;
@@ -111,6 +111,84 @@ __global__ void HcPostKernel(int hc, int64_t d, const float* __restrict__ F, con
     for (int j = 0; j < hc; ++j) v += cm[j * hc + k] * old[j];
     xr[k * d + i] = v;
   }
+}
+
+// Note [Split mHC mix projection]: at decode a row's mix projection is 24 dot
+// products of length hc*d = 16384 over a 1.5 MB fn; one block per row (the
+// kernel above) leaves all but one SM idle. The split path runs it over
+// (rows, slices) blocks writing per-slice partial sums (fixed slice order, so
+// deterministic), then one small block per row reduces them and computes the
+// maps and Sinkhorn, then (rows, d/256) blocks collapse the streams.
+constexpr int64_t kSliceWidth = 1024;
+
+int64_t Slices(const HcParams& p) { return (p.hc * p.d + kSliceWidth - 1) / kSliceWidth; }
+
+// grid (rows, slices): partial[r][s][k] for k < mix, and sum of squares at k = kMaxMix.
+__global__ void __launch_bounds__(kThreads) HcMixPartialKernel(HcParams p, int mix, const float* __restrict__ X,
+                                                               const float* __restrict__ fn,
+                                                               float* __restrict__ partial) {
+  const int64_t width = p.hc * p.d, r = blockIdx.x, s = blockIdx.y;
+  const float* xr = X + r * width;
+  __shared__ float part[kThreads / 32][kMaxMix + 1];
+  float acc[kMaxMix + 1];
+#pragma unroll
+  for (int k = 0; k <= kMaxMix; ++k) acc[k] = 0.0f;
+  const int64_t i0 = s * kSliceWidth, i1 = i0 + kSliceWidth < width ? i0 + kSliceWidth : width;
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += kThreads) {
+    const float v = xr[i];
+    acc[kMaxMix] += v * v;
+#pragma unroll
+    for (int k = 0; k < kMaxMix; ++k)
+      if (k < mix) acc[k] += v * fn[k * width + i];
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k <= kMaxMix; ++k) {
+    const float t = internal::WarpSum(acc[k]);
+    if (lane == 0) part[warp][k] = t;
+  }
+  __syncthreads();
+  if (threadIdx.x <= kMaxMix) {
+    float t = 0.0f;
+    for (int w = 0; w < kThreads / 32; ++w) t += part[w][threadIdx.x];
+    partial[(r * gridDim.y + s) * (kMaxMix + 1) + threadIdx.x] = t;
+  }
+}
+
+// grid (rows), 32 threads: reduce the slices, then the maps (thread 0). pre -> pre_out [rows, hc].
+template <bool kHead>
+__global__ void HcMapsKernel(HcParams p, int64_t slices, const float* __restrict__ partial,
+                             const float* __restrict__ base, const float* __restrict__ scale,
+                             float* __restrict__ pre_out, float* __restrict__ post, float* __restrict__ comb) {
+  const int hc = p.hc;
+  const int64_t r = blockIdx.x, width = hc * p.d;
+  __shared__ float mixes[kMaxMix + 1];
+  if (threadIdx.x <= kMaxMix) {
+    float t = 0.0f;
+    for (int64_t s = 0; s < slices; ++s) t += partial[(r * slices + s) * (kMaxMix + 1) + threadIdx.x];
+    mixes[threadIdx.x] = t;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  const float inv = 1.0f / sqrtf(mixes[kMaxMix] / static_cast<float>(width) + p.rms_eps);
+  for (int j = 0; j < hc; ++j) pre_out[r * hc + j] = SigmoidF(mixes[j] * inv * scale[0] + base[j]) + p.hc_eps;
+  if constexpr (!kHead) {
+    float cm[16];
+    for (int j = 0; j < hc; ++j) post[r * hc + j] = 2.0f * SigmoidF(mixes[hc + j] * inv * scale[1] + base[hc + j]);
+    for (int k = 0; k < hc * hc; ++k) cm[k] = mixes[2 * hc + k] * inv * scale[2] + base[2 * hc + k];
+    Sinkhorn(cm, hc, p.sinkhorn_iters, p.hc_eps);
+    for (int k = 0; k < hc * hc; ++k) comb[r * hc * hc + k] = cm[k];
+  }
+}
+
+// grid (rows, ceil(d / 256)): u[r, i] = sum_j pre[r, j] X[r, j, i].
+__global__ void HcCollapseKernel(int hc, int64_t d, const float* __restrict__ X, const float* __restrict__ pre,
+                                 float* __restrict__ u) {
+  const int64_t r = blockIdx.x, i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (i >= d) return;
+  float t = 0.0f;
+  for (int j = 0; j < hc; ++j) t += pre[r * hc + j] * X[(r * hc + j) * d + i];
+  u[r * d + i] = t;
 }
 
 absl::Status CheckHc(const HcParams& p) {
@@ -143,11 +221,46 @@ absl::Status HcPost(const HcParams& p, const float* F, const float* post, const 
                     cudaStream_t stream) {
   if (absl::Status s = CheckHc(p); !s.ok()) return s;
   if (rows == 0) return absl::OkStatus();
-  if (rows > 65535) return absl::InvalidArgumentError(absl::StrCat("HcPost: rows ", rows, " > 65535 per launch"));
-  const dim3 grid(static_cast<unsigned>((p.d + 255) / 256), static_cast<unsigned>(rows));
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>((p.d + 255) / 256));
   HcPostKernel<<<grid, 256, 0, stream>>>(p.hc, p.d, F, post, comb, X);
   RETORT_CUDA_LAUNCH_CHECK();
   return absl::OkStatus();
+}
+
+int64_t HcScratchFloats(const HcParams& p, int64_t rows) { return rows * (Slices(p) * (kMaxMix + 1) + p.hc); }
+
+namespace {
+template <bool kHead>
+absl::Status HcSplit(const HcParams& p, const float* X, int64_t rows, const float* fn, const float* base,
+                     const float* scale, float* u, float* post, float* comb, float* scratch, cudaStream_t stream) {
+  if (absl::Status s = CheckHc(p); !s.ok()) return s;
+  if (rows == 0) return absl::OkStatus();
+  const int64_t slices = Slices(p);
+  if (slices > 65535) return absl::InvalidArgumentError("mHC: hc * d too large");
+  float* partial = scratch;
+  float* pre = scratch + rows * slices * (kMaxMix + 1);
+  const int mix = kHead ? p.hc : (2 + p.hc) * p.hc;
+  HcMixPartialKernel<<<dim3(static_cast<unsigned>(rows), static_cast<unsigned>(slices)), kThreads, 0, stream>>>(
+      p, mix, X, fn, partial);
+  RETORT_CUDA_LAUNCH_CHECK();
+  HcMapsKernel<kHead><<<static_cast<unsigned>(rows), 32, 0, stream>>>(p, slices, partial, base, scale, pre, post,
+                                                                      comb);
+  RETORT_CUDA_LAUNCH_CHECK();
+  HcCollapseKernel<<<dim3(static_cast<unsigned>(rows), static_cast<unsigned>((p.d + 255) / 256)), 256, 0, stream>>>(
+      p.hc, p.d, X, pre, u);
+  RETORT_CUDA_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+}  // namespace
+
+absl::Status HcPre(const HcParams& p, const float* X, int64_t rows, const float* fn, const float* base,
+                   const float* scale, float* u, float* post, float* comb, float* scratch, cudaStream_t stream) {
+  return HcSplit<false>(p, X, rows, fn, base, scale, u, post, comb, scratch, stream);
+}
+
+absl::Status HcHead(const HcParams& p, const float* X, int64_t rows, const float* fn, const float* base,
+                    const float* scale, float* y, float* scratch, cudaStream_t stream) {
+  return HcSplit<true>(p, X, rows, fn, base, scale, y, nullptr, nullptr, scratch, stream);
 }
 
 }  // namespace retort::cuda

@@ -37,6 +37,18 @@ struct HcParams {
 [[nodiscard]] absl::Status HcHead(const HcParams& p, const float* X, int64_t rows, const float* fn,
                                   const float* base, const float* scale, float* y, cudaStream_t stream);
 
+// The same two ops on the split path (Note [Split mHC mix projection] in
+// mhc.cu): the mix projection spread over (rows, hc*d/1024) blocks, for the
+// few-row decode steps where one block per row idles the GPU. scratch holds
+// HcScratchFloats(p, rows) floats of device memory.
+int64_t HcScratchFloats(const HcParams& p, int64_t rows);
+[[nodiscard]] absl::Status HcPre(const HcParams& p, const float* X, int64_t rows, const float* fn, const float* base,
+                                 const float* scale, float* u, float* post, float* comb, float* scratch,
+                                 cudaStream_t stream);
+[[nodiscard]] absl::Status HcHead(const HcParams& p, const float* X, int64_t rows, const float* fn,
+                                  const float* base, const float* scale, float* y, float* scratch,
+                                  cudaStream_t stream);
+
 }  // namespace retort::cuda
 
 #endif  // RETORT_MODEL_KERNELS_CUDA_MHC_CUH_

@@ -1,6 +1,9 @@
 #include "model/kernels/cuda/moe_router.cuh"
 
+#include <cub/block/block_scan.cuh>
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include "absl/strings/str_cat.h"
 #include "model/kernels/cuda/cuda_runtime.cuh"
@@ -73,7 +76,125 @@ __global__ void __launch_bounds__(kThreads) MoeRouteKernel(const float* __restri
   }
 }
 
+// grid (E): block e counts the pairs routed to expert e (pass 0) or writes
+// their permuted positions in (row, slot) order (pass 1, after the scan).
+template <int kPass>
+__global__ void __launch_bounds__(kThreads) MoeBucketKernel(const int32_t* __restrict__ idx, int64_t n, int E,
+                                                            int32_t* __restrict__ counts,
+                                                            const int32_t* __restrict__ offsets,
+                                                            int32_t* __restrict__ row_index,
+                                                            int32_t* __restrict__ slot_pos, int k) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ int base_s;
+  const int e = blockIdx.x;
+  if (threadIdx.x == 0) base_s = kPass == 1 ? offsets[e] : 0;
+  __syncthreads();
+  for (int64_t c0 = 0; c0 < n; c0 += kThreads) {
+    const int64_t i = c0 + threadIdx.x;
+    const int hit = (i < n && idx[i] == e) ? 1 : 0;
+    int rank, total;
+    Scan(tmp).ExclusiveSum(hit, rank, total);
+    if (kPass == 1 && hit) {
+      const int pos = base_s + rank;
+      row_index[pos] = static_cast<int32_t>(i / k);
+      slot_pos[i] = pos;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) base_s += total;
+    __syncthreads();
+  }
+  if (kPass == 0 && threadIdx.x == 0) counts[e] = base_s;
+}
+
+// One block: exclusive scan of counts into offsets; active experts become
+// groups 0..n_active-1, the rest empty.
+__global__ void __launch_bounds__(kThreads) MoeGroupsKernel(const int32_t* __restrict__ counts, int E, int groups,
+                                                            int total, int32_t* __restrict__ offsets,
+                                                            int32_t* __restrict__ group_offsets,
+                                                            int32_t* __restrict__ group_expert) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ int off_s, grp_s;
+  if (threadIdx.x == 0) off_s = 0, grp_s = 0;
+  __syncthreads();
+  for (int e0 = 0; e0 < E; e0 += kThreads) {
+    const int e = e0 + threadIdx.x;
+    const int c = e < E ? counts[e] : 0;
+    const int active = c > 0 ? 1 : 0;
+    int off, off_total, g, g_total;
+    Scan(tmp).ExclusiveSum(c, off, off_total);
+    __syncthreads();
+    Scan(tmp).ExclusiveSum(active, g, g_total);
+    if (e < E) offsets[e] = off_s + off;
+    if (active) {
+      group_offsets[grp_s + g] = off_s + off;
+      group_expert[grp_s + g] = e;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) off_s += off_total, grp_s += g_total;
+    __syncthreads();
+  }
+  for (int g = grp_s + threadIdx.x; g < groups; g += kThreads) group_offsets[g] = total, group_expert[g] = 0;
+  if (threadIdx.x == 0) group_offsets[groups] = total;
+}
+
+__global__ void MoeCombineKernel(const float* __restrict__ y, const int32_t* __restrict__ slot_pos,
+                                 const float* __restrict__ weights, int k, int64_t d,
+                                 const float* __restrict__ shared, float* __restrict__ out) {
+  const int64_t r = blockIdx.x;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    float acc = 0.0f;
+    for (int j = 0; j < k; ++j) acc += y[static_cast<int64_t>(slot_pos[r * k + j]) * d + i] * weights[r * k + j];
+    if (shared) acc += shared[r * d + i];
+    out[r * d + i] = acc;
+  }
+}
+
+__global__ void GatherRowsKernel(const float* __restrict__ x, const int32_t* __restrict__ row_index, int64_t d,
+                                 float* __restrict__ out) {
+  const int64_t i = blockIdx.x;
+  const float* src = x + static_cast<int64_t>(row_index[i]) * d;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) out[i * d + j] = src[j];
+}
+
 }  // namespace
+
+absl::Status MoePermute(const int32_t* idx, int64_t rows, int k, int E, int groups, int32_t* scratch,
+                        int32_t* row_index, int32_t* slot_pos, int32_t* group_offsets, int32_t* group_expert,
+                        cudaStream_t stream) {
+  const int64_t n = rows * k;
+  if (E < 1 || k < 1 || groups < 1 || groups > E)
+    return absl::InvalidArgumentError(absl::StrCat("MoePermute: bad E=", E, " k=", k, " groups=", groups));
+  if (n > INT32_MAX) return absl::InvalidArgumentError("MoePermute: too many routed pairs");
+  if (rows == 0) return absl::OkStatus();
+  int32_t* counts = scratch;
+  int32_t* offsets = scratch + E;
+  MoeBucketKernel<0><<<E, kThreads, 0, stream>>>(idx, n, E, counts, nullptr, nullptr, nullptr, k);
+  RETORT_CUDA_LAUNCH_CHECK();
+  MoeGroupsKernel<<<1, kThreads, 0, stream>>>(counts, E, groups, static_cast<int>(n), offsets, group_offsets,
+                                              group_expert);
+  RETORT_CUDA_LAUNCH_CHECK();
+  MoeBucketKernel<1><<<E, kThreads, 0, stream>>>(idx, n, E, nullptr, offsets, row_index, slot_pos, k);
+  RETORT_CUDA_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
+absl::Status MoeCombine(const float* y, const int32_t* slot_pos, const float* weights, int64_t rows, int k, int64_t d,
+                        const float* shared, float* out, cudaStream_t stream) {
+  if (rows == 0 || d == 0) return absl::OkStatus();
+  MoeCombineKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(y, slot_pos, weights, k, d, shared, out);
+  RETORT_CUDA_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
+absl::Status GatherRows(const float* x, const int32_t* row_index, int64_t n, int64_t d, float* out,
+                        cudaStream_t stream) {
+  if (n == 0 || d == 0) return absl::OkStatus();
+  GatherRowsKernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(x, row_index, d, out);
+  RETORT_CUDA_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
 
 absl::Status MoeRoute(const float* logits, int64_t rows, int E, int k, const float* bias, const int64_t* tid2eid,
                       const int64_t* tokens, float scaling, int32_t* idx, float* weights, cudaStream_t stream) {

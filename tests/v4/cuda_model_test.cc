@@ -1,0 +1,258 @@
+// The V4 model on the device against the Hugging Face reference fixtures
+// (tests/fixtures/v4 a, b, q) and against the CPU model: full forwards in one
+// batched step, ragged prefill + batched decode, chunked prefill at odd chunk
+// sizes, the decode CUDA graph, and deployment numerics (reported). Skips
+// without a GPU.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+
+#include "gtest/gtest.h"
+#include "model/io/safetensors.h"
+#include "model/kernels/cuda/cuda_runtime.cuh"
+#include "model/v4/cuda_model.h"
+#include "model/v4/model.h"
+
+namespace retort::v4 {
+namespace {
+
+// Exact numerics: within 1e-3 absolute of the reference logits (the issue's
+// bound; the CPU path holds 1e-4, the device differs by summation order).
+constexpr float kTol = 1e-3f;
+
+#define SKIP_WITHOUT_CUDA() \
+  if (cuda::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device"
+
+struct Fixture {
+  std::unique_ptr<Model> host;
+  std::unique_ptr<CudaModel> dev;
+  std::shared_ptr<io::SafetensorsFile> expected;
+  Tensor ids;
+  int64_t B = 0, T = 0, V = 0;
+};
+
+Fixture LoadFixture(const std::string& name, Numerics numerics = Numerics::kExact, int max_sequences = 8) {
+  Fixture f;
+  const std::string dir = "tests/fixtures/v4/" + name;
+  auto m = Model::Load(dir);
+  EXPECT_TRUE(m.ok()) << m.status();
+  if (!m.ok()) return f;
+  f.host = std::move(m).value();
+  CudaModelOptions o;
+  o.max_sequences = max_sequences;
+  o.max_length = 256;
+  o.numerics = numerics;
+  auto d = CudaModel::Create(*f.host, o);
+  EXPECT_TRUE(d.ok()) << d.status();
+  if (!d.ok()) return f;
+  f.dev = std::move(d).value();
+  auto e = io::SafetensorsFile::Open(dir + "/expected.safetensors");
+  EXPECT_TRUE(e.ok()) << e.status();
+  f.expected = *e;
+  f.ids = *f.expected->Get("input_ids");
+  f.B = f.ids.dim(0);
+  f.T = f.ids.dim(1);
+  f.V = f.host->config().vocab_size;
+  return f;
+}
+
+float MaxAbsDiff(const float* a, const float* b, int64_t n) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(a[i] - b[i]));
+  return m;
+}
+
+int64_t ArgMax(const float* x, int64_t n) { return std::max_element(x, x + n) - x; }
+
+class CudaFixtureTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaFixtureTest, BatchedFullForwardMatchesReference) {
+  SKIP_WITHOUT_CUDA();
+  Fixture f = LoadFixture(GetParam());
+  ASSERT_NE(f.dev, nullptr);
+  Tensor logits = *f.expected->Get("logits");
+  std::vector<CudaModel::Chunk> chunks;
+  for (int64_t b = 0; b < f.B; ++b) {
+    auto seq = f.dev->NewSequence();
+    ASSERT_TRUE(seq.ok()) << seq.status();
+    chunks.push_back({*seq, absl::MakeConstSpan(f.ids.data<int64_t>() + b * f.T, f.T)});
+  }
+  auto got = f.dev->Step(chunks);
+  ASSERT_TRUE(got.ok()) << got.status();
+  const float err = MaxAbsDiff(got->data(), logits.data<float>(), f.B * f.T * f.V);
+  EXPECT_LT(err, kTol) << GetParam();
+  std::printf("%s cuda exact: full-forward logits max |diff| %.3g (bound %.0e)\n", GetParam().c_str(), err, kTol);
+}
+
+TEST_P(CudaFixtureTest, RaggedPrefillThenBatchedDecodeMatchesReference) {
+  SKIP_WITHOUT_CUDA();
+  Fixture f = LoadFixture(GetParam());
+  ASSERT_NE(f.dev, nullptr);
+  Tensor dec = *f.expected->Get("decode_logits");
+  Tensor logits = *f.expected->Get("logits");
+  const int64_t steps = dec.dim(1), P = f.T - steps;
+  std::vector<int> seqs;
+  std::vector<int64_t> pos(f.B);
+  std::vector<CudaModel::Chunk> chunks;
+  for (int64_t b = 0; b < f.B; ++b) {
+    seqs.push_back(*f.dev->NewSequence());
+    pos[b] = P - 5 * b;  // ragged prefill lengths
+    chunks.push_back({seqs[b], absl::MakeConstSpan(f.ids.data<int64_t>() + b * f.T, pos[b])});
+  }
+  ASSERT_TRUE(f.dev->Step(chunks).ok());
+  float worst = 0.0f;
+  while (true) {
+    chunks.clear();
+    std::vector<int64_t> which;
+    for (int64_t b = 0; b < f.B; ++b)
+      if (pos[b] < f.T) {
+        chunks.push_back({seqs[b], absl::MakeConstSpan(f.ids.data<int64_t>() + b * f.T + pos[b], 1)});
+        which.push_back(b);
+      }
+    if (chunks.empty()) break;
+    auto got = f.dev->Step(chunks);
+    ASSERT_TRUE(got.ok()) << got.status();
+    for (size_t i = 0; i < which.size(); ++i) {
+      const int64_t b = which[i], p = pos[b];
+      const float* ref = p >= P ? dec.data<float>() + (b * steps + (p - P)) * f.V
+                                : logits.data<float>() + (b * f.T + p) * f.V;
+      const float err = MaxAbsDiff(got->data() + i * f.V, ref, f.V);
+      worst = std::max(worst, err);
+      EXPECT_LT(err, kTol) << GetParam() << " batch " << b << " position " << p;
+      ++pos[b];
+    }
+  }
+  std::printf("%s cuda exact: ragged prefill + decode, worst max |diff| %.3g\n", GetParam().c_str(), worst);
+}
+
+// Chunked prefill at odd chunk sizes (1, 7, 19, the rest) equals one prefill.
+TEST_P(CudaFixtureTest, OddChunkedPrefillMatchesReference) {
+  SKIP_WITHOUT_CUDA();
+  Fixture f = LoadFixture(GetParam());
+  ASSERT_NE(f.dev, nullptr);
+  Tensor logits = *f.expected->Get("logits");
+  const int seq = *f.dev->NewSequence();
+  const int64_t* ids = f.ids.data<int64_t>();
+  int64_t p = 0;
+  float worst = 0.0f;
+  for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{19}, f.T}) {
+    n = std::min(n, f.T - p);
+    if (n == 0) break;
+    std::vector<CudaModel::Chunk> chunks = {{seq, absl::MakeConstSpan(ids + p, n)}};
+    auto got = f.dev->Step(chunks);
+    ASSERT_TRUE(got.ok()) << got.status();
+    worst = std::max(worst, MaxAbsDiff(got->data(), logits.data<float>() + p * f.V, n * f.V));
+    p += n;
+  }
+  EXPECT_LT(worst, kTol) << GetParam();
+  std::printf("%s cuda exact: chunks 1/7/19/rest, worst max |diff| %.3g\n", GetParam().c_str(), worst);
+}
+
+// Deployment numerics (bf16 dense weights and activations): reported, with a
+// loose bound on top-1 agreement against the reference.
+TEST_P(CudaFixtureTest, DeploymentNumericsReport) {
+  SKIP_WITHOUT_CUDA();
+  Fixture f = LoadFixture(GetParam(), Numerics::kDeployment);
+  ASSERT_NE(f.dev, nullptr);
+  Tensor logits = *f.expected->Get("logits");
+  std::vector<CudaModel::Chunk> chunks;
+  for (int64_t b = 0; b < f.B; ++b)
+    chunks.push_back({*f.dev->NewSequence(), absl::MakeConstSpan(f.ids.data<int64_t>() + b * f.T, f.T)});
+  auto got = f.dev->Step(chunks);
+  ASSERT_TRUE(got.ok()) << got.status();
+  const int64_t rows = f.B * f.T;
+  int64_t agree = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    agree += ArgMax(got->data() + r * f.V, f.V) == ArgMax(logits.data<float>() + r * f.V, f.V);
+  const float err = MaxAbsDiff(got->data(), logits.data<float>(), rows * f.V);
+  const double frac = static_cast<double>(agree) / rows;
+  std::printf("%s cuda deployment: top-1 agreement %.4f (%ld/%ld), max logit |diff| %.3g\n", GetParam().c_str(), frac,
+              static_cast<long>(agree), static_cast<long>(rows), err);
+  EXPECT_GE(frac, 0.9) << GetParam();
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaFixtureTest, ::testing::Values("a", "b", "q"));
+
+// The decode graph replays the same math as eager steps (q has MXFP4 experts;
+// graphs need them: the dense-expert path syncs on the host).
+TEST(CudaModelTest, DecodeGraphMatchesEagerSteps) {
+  SKIP_WITHOUT_CUDA();
+  Fixture f = LoadFixture("q");
+  ASSERT_NE(f.dev, nullptr);
+  const int64_t* ids = f.ids.data<int64_t>();
+  const int64_t P = 40;
+  std::vector<int> eager, graph;
+  for (int64_t b = 0; b < f.B; ++b) {
+    eager.push_back(*f.dev->NewSequence());
+    graph.push_back(*f.dev->NewSequence());
+    for (int s : {eager.back(), graph.back()}) {
+      std::vector<CudaModel::Chunk> c = {{s, absl::MakeConstSpan(ids + b * f.T, P)}};
+      ASSERT_TRUE(f.dev->Step(c).ok());
+    }
+  }
+  float worst = 0.0f;
+  for (int64_t p = P; p < P + 12; ++p) {
+    std::vector<CudaModel::Chunk> chunks;
+    std::vector<int64_t> toks;
+    for (int64_t b = 0; b < f.B; ++b) {
+      chunks.push_back({eager[b], absl::MakeConstSpan(ids + b * f.T + p, 1)});
+      toks.push_back(ids[b * f.T + p]);
+    }
+    auto want = f.dev->Step(chunks);
+    ASSERT_TRUE(want.ok()) << want.status();
+    auto got_dev = f.dev->DecodeGraph(graph, toks);
+    ASSERT_TRUE(got_dev.ok()) << got_dev.status();
+    std::vector<float> got(f.B * f.V);
+    ASSERT_TRUE(cuda::CopyToHost(got.data(), *got_dev, sizeof(float) * got.size()).ok());
+    worst = std::max(worst, MaxAbsDiff(got.data(), want->data(), f.B * f.V));
+  }
+  EXPECT_LT(worst, 1e-5f);
+  std::printf("decode graph vs eager: max |diff| %.3g over 12 steps (call 1 eager, 2 capture, 3+ replay)\n", worst);
+}
+
+TEST(CudaModelTest, BadInputIsRejectedAndChangesNothing) {
+  SKIP_WITHOUT_CUDA();
+  Fixture f = LoadFixture("b", Numerics::kExact, 2);
+  ASSERT_NE(f.dev, nullptr);
+  const int s = *f.dev->NewSequence();
+  const std::vector<int64_t> ok = {1, 2, 3}, bad = {1, f.V, 3};
+  std::vector<CudaModel::Chunk> c = {{s, absl::MakeConstSpan(bad)}};
+  EXPECT_EQ(f.dev->Step(c).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(f.dev->Length(s), 0);
+  c = {{s + 1, absl::MakeConstSpan(ok)}};
+  EXPECT_EQ(f.dev->Step(c).status().code(), absl::StatusCode::kInvalidArgument);  // not in use
+  c = {{s, absl::MakeConstSpan(ok)}, {s, absl::MakeConstSpan(ok)}};
+  EXPECT_EQ(f.dev->Step(c).status().code(), absl::StatusCode::kInvalidArgument);  // one sequence twice
+  std::vector<int64_t> tooLong(257, 1);
+  c = {{s, absl::MakeConstSpan(tooLong)}};
+  EXPECT_EQ(f.dev->Step(c).status().code(), absl::StatusCode::kResourceExhausted);
+  ASSERT_TRUE(f.dev->NewSequence().ok());
+  EXPECT_EQ(f.dev->NewSequence().status().code(), absl::StatusCode::kResourceExhausted);
+  c = {{s, absl::MakeConstSpan(ok)}};
+  ASSERT_TRUE(f.dev->Step(c).ok());
+  EXPECT_EQ(f.dev->Length(s), 3);
+}
+
+// Forked sequences (CopySequence) continue exactly like the original.
+TEST(CudaModelTest, CopySequenceForksState) {
+  SKIP_WITHOUT_CUDA();
+  Fixture f = LoadFixture("q");
+  ASSERT_NE(f.dev, nullptr);
+  const int64_t* ids = f.ids.data<int64_t>();
+  const int a = *f.dev->NewSequence(), b = *f.dev->NewSequence();
+  std::vector<CudaModel::Chunk> c = {{a, absl::MakeConstSpan(ids, 33)}};
+  ASSERT_TRUE(f.dev->Step(c).ok());
+  ASSERT_TRUE(f.dev->CopySequence(a, b).ok());
+  EXPECT_EQ(f.dev->Length(b), 33);
+  c = {{a, absl::MakeConstSpan(ids + 33, 9)}};
+  auto x = f.dev->Step(c);
+  c = {{b, absl::MakeConstSpan(ids + 33, 9)}};
+  auto y = f.dev->Step(c);
+  ASSERT_TRUE(x.ok() && y.ok());
+  EXPECT_EQ(MaxAbsDiff(x->data(), y->data(), 9 * f.V), 0.0f);
+}
+
+}  // namespace
+}  // namespace retort::v4
