@@ -851,29 +851,40 @@ def lightning_indexer_topk(scores, visible, topk):
 # ----------------------------------------------------------------------------
 # MoE (§2.6)
 
-_GROUPED_MM_OK = {}
+_GROUPED_MM = {}  # (device, dtype) -> the grouped GEMM function that passed the probe, or None
+
+
+def _grouped_mm_fn(device, dtype):
+    """F.grouped_mm (torch >= 2.10) or torch._grouped_mm: one fused CUTLASS grouped GEMM
+    with device-side group offsets (bf16 on sm90/sm100; no host sync, graph-capturable),
+    probed once against the per-expert loop. None where neither works."""
+    key = (str(device), dtype)
+    if key in _GROUPED_MM:
+        return _GROUPED_MM[key]
+    fn = None
+    if (torch.device(device).type == "cuda" and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device)[0] in (9, 10)):
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(40, 64, device=device, dtype=dtype, generator=g)
+        W = torch.randn(4, 32, 64, device=device, dtype=dtype, generator=g)
+        counts = torch.tensor([7, 0, 21, 12], device=device)
+        ref = _expert_matmul_loop(x, W, counts).float()
+        for cand in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)):
+            if cand is None:
+                continue
+            try:
+                y = cand(x, W.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+                if bool(torch.allclose(y.float(), ref, atol=1e-1, rtol=2e-2)):
+                    fn = cand
+                    break
+            except (RuntimeError, TypeError, ValueError):
+                continue
+    _GROUPED_MM[key] = fn
+    return fn
 
 
 def grouped_mm_available(device, dtype):
-    """torch._grouped_mm's fused path (bf16, sm90/sm100), probed once against a loop."""
-    key = (str(device), dtype)
-    if key in _GROUPED_MM_OK:
-        return _GROUPED_MM_OK[key]
-    ok = False
-    if (hasattr(torch, "_grouped_mm") and torch.device(device).type == "cuda" and dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(device)[0] in (9, 10)):
-        try:
-            g = torch.Generator(device=device).manual_seed(0)
-            x = torch.randn(40, 64, device=device, dtype=dtype, generator=g)
-            W = torch.randn(4, 32, 64, device=device, dtype=dtype, generator=g)
-            counts = torch.tensor([7, 0, 21, 12], device=device)
-            y = torch._grouped_mm(x, W.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
-            ref = _expert_matmul_loop(x, W, counts)
-            ok = bool(torch.allclose(y.float(), ref.float(), atol=1e-1, rtol=2e-2))
-        except (RuntimeError, TypeError):
-            ok = False
-    _GROUPED_MM_OK[key] = ok
-    return ok
+    return _grouped_mm_fn(device, dtype) is not None
 
 
 def _expert_matmul_loop(x, W, counts):
@@ -888,8 +899,9 @@ def _expert_matmul_loop(x, W, counts):
 
 def expert_matmul(x, W, counts):
     """Rows of x grouped by expert (counts [E] rows each, in order) times W[e]^T: [rows, out]."""
-    if grouped_mm_available(x.device, x.dtype):
-        return torch._grouped_mm(x, W.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    fn = _grouped_mm_fn(x.device, x.dtype)
+    if fn is not None:
+        return fn(x, W.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
     return _expert_matmul_loop(x, W, counts)
 
 
@@ -1175,6 +1187,23 @@ def fill_random_state(cfg, state: DecodeState, context, seed=1):
                 rnd(cs.prev_score)
 
 
+def weight_bytes_estimate(cfg, dtype):
+    """Bytes random_model() allocates for cfg (matrices in dtype, small parameters f32)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    d, D, H, E, I = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.n_routed_experts, cfg.moe_intermediate
+    total = 0
+    for l in range(cfg.num_layers):
+        mats = (cfg.q_lora_rank * d + H * D * cfg.q_lora_rank + D * d + 2 * H * D * cfg.o_lora_rank
+                + 3 * (E + cfg.n_shared_experts) * I * d)
+        if cfg.attention[l] != SLIDING:
+            mats += 2 * (2 if cfg.attention[l] == CSA else 1) * D * d
+        if cfg.attention[l] == CSA:
+            mats += cfg.index_n_heads * (cfg.index_head_dim * cfg.q_lora_rank + d) + 4 * cfg.index_head_dim * d
+        small = 2 * (2 + cfg.hc_mult) * cfg.hc_mult * cfg.hc_mult * d + E * d + 4 * d + cfg.q_lora_rank + D
+        total += mats * elt + small * 4
+    return total
+
+
 def layer_weight_bytes(L: Layer, experts_touched):
     """Bytes of one layer's weights a decode step reads: every dense weight plus the
     routed experts it touched."""
@@ -1284,7 +1313,7 @@ def bench_one(model, batch, context, iters, warmup, use_graph, device):
         else:
             rec.update(skipped=True, reason=f"error: {type(e).__name__}: {first}")
     finally:
-        del state, graph
+        state = graph = run = None  # drop the state and the graph's memory pool before the next configuration
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rec
@@ -1316,12 +1345,14 @@ def bench_main(argv):
     if args.cuda_graph and not grouped_mm_available(device, dtype):
         ap.error("--cuda-graph needs torch._grouped_mm for the experts (bf16 on sm90/sm100); "
                  "the per-expert loop reads expert counts on the host")
-    est = 0
-    for l in range(cfg.num_layers):
-        E, I, d = cfg.n_routed_experts, cfg.moe_intermediate, cfg.hidden_size
-        est += 3 * E * I * d * torch.empty((), dtype=dtype).element_size()
-    print(f"# {args.shape} shapes, {cfg.num_layers} layers ({','.join(cfg.attention)}), {args.dtype}; "
-          f"routed experts alone {est / 1e9:.1f} GB", file=sys.stderr, flush=True)
+    est = weight_bytes_estimate(cfg, dtype)
+    print(f"# {args.shape} shapes, {cfg.num_layers} layers ({','.join(cfg.attention)}), {args.dtype}: "
+          f"weights {est / 1e9:.1f} GB", file=sys.stderr, flush=True)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if est > free - (4 << 30):
+            ap.error(f"{cfg.num_layers} layers need {est / 1e9:.1f} GB of weights, {free / 1e9:.1f} GB free "
+                     f"(keeping 4 GiB for state): use fewer --layers")
     torch.manual_seed(0)
     with torch.no_grad():
         model = random_model(cfg, dtype, device)
