@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
+#include <random>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -16,6 +18,12 @@ absl::Status ValidateSamplingParams(const SamplingParams& p) {
     return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", p.top_p));
   if (p.top_k < 0) return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", p.top_k));
   return absl::OkStatus();
+}
+
+double Sampler::NextCanonical() {
+  if (params_.temperature == 0.0f) return 0.0;
+  // What std::uniform_real_distribution<double>(0, sum) draws, before scaling.
+  return std::generate_canonical<double, std::numeric_limits<double>::digits>(rng_);
 }
 
 SampledToken Sampler::Sample(absl::Span<const float> logits) {
@@ -55,8 +63,10 @@ SampledToken Sampler::Sample(absl::Span<const float> logits) {
     sum = 0.0;
     for (int64_t i = 0; i < keep; ++i) sum += p[i];
   }
-  std::uniform_real_distribution<double> u(0.0, sum);
-  const double r = u(rng_);
+  // r uniform in [0, sum): the canonical draw scaled, exactly what
+  // uniform_real_distribution<double>(0, sum) computes (and what the CUDA
+  // twin receives through NextCanonical()).
+  const double r = std::generate_canonical<double, std::numeric_limits<double>::digits>(rng_) * sum;
   double acc = 0.0;
   int64_t pick = keep - 1;
   for (int64_t i = 0; i < keep; ++i) {

@@ -38,6 +38,12 @@ class Sampler {
   explicit Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
   SampledToken Sample(absl::Span<const float> logits);
 
+  const SamplingParams& params() const { return params_; }
+  // For a sampler running elsewhere (the CUDA twin, cuda/sampling.cuh): the
+  // uniform number in [0, 1) Sample() would draw next — 0 without advancing
+  // the RNG when greedy, since Sample() draws nothing then.
+  double NextCanonical();
+
  private:
   SamplingParams params_;
   std::mt19937_64 rng_;
