@@ -162,6 +162,13 @@ absl::StatusOr<SftOptions> ParseSftConfig(const std::string& text, const std::st
   if (!(tr.bias_update_speed >= 0) || !std::isfinite(tr.bias_update_speed))
     return bad("bias_update_speed", "must be finite and >= 0, got ", tr.bias_update_speed);
 
+  if (!v1::CheckpointLayout_IsValid(cfg.checkpoint_layout()))
+    return bad("checkpoint_layout", "is ", static_cast<int>(cfg.checkpoint_layout()),
+               ", not a known layout (CHECKPOINT_LAYOUT_HF or _RELEASED)");
+  tr.checkpoint_layout = cfg.checkpoint_layout() == v1::CHECKPOINT_LAYOUT_RELEASED
+                             ? trainer::CheckpointLayout::kReleased
+                             : trainer::CheckpointLayout::kHf;
+
   optim::OptimizerConfig& oc = tr.optimizer;
   const v1::OptimizerSettings& op = cfg.optimizer();
   oc.schedule.total_steps = o.steps;

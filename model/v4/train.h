@@ -102,6 +102,21 @@ struct NamedTensor {
 // experts are decoded exactly to f32 (a dense-expert model reloads from them).
 [[nodiscard]] absl::StatusOr<std::vector<NamedTensor>> HfTensors(const Model& model);
 
+// The released layout of HF-named f32 tensors (what HfTensors names; a tied
+// head simply absent), as DeepSeek's checkpoints keep them (V4_SPEC.md §4) and
+// Model::Load reads them: names without the "model." prefix; attention,
+// indexer wq_b and shared-expert matrices FP8 e4m3 with "<name>.scale" E8M0
+// per 128x128 block (cpu::QuantizeFp8Blocks); routed experts split per expert
+// into w1/w3/w2 MXFP4 (I8 codes [out, in/2] + E8M0 scales [out, in/32],
+// cpu::QuantizeMxFp4, the QAT quantizer); embed, head, norms, compressor
+// projections, weights_proj and the router weight BF16 (round to nearest
+// even); mHC, sinks, ape and the router bias F32; tid2eid I64. Lossy: the
+// result is for serving, not for resuming training. A name without a released
+// spelling, a non-f32 parameter, or expert rows whose width is not a multiple
+// of 32 are InvalidArgument naming the tensor.
+[[nodiscard]] absl::StatusOr<std::vector<std::pair<std::string, Tensor>>> ReleasedTensors(
+    absl::Span<const std::pair<std::string, Tensor>> hf);
+
 // What `retort grad` writes: "loss" (f32 scalar, NextTokenLossAndGradients on
 // `input_ids`, i64 [B, T] with T >= 2) and "grad.<name>" (f32, the
 // parameter's shape) for every trainable tensor HfTensors names — the

@@ -202,6 +202,14 @@ TEST(SftTest, ConfigErrorsNameTheField) {
   EXPECT_TRUE(contains(
       message(ok + "steps: 5\noptimizer { schedule: LR_SCHEDULE_COSINE warmup_steps: 5 }\n"),
       "warmup_steps"));
+  EXPECT_TRUE(contains(message(ok + "checkpoint_layout: 9\n"), "'checkpoint_layout' is 9"));
+  // TextFormat places an unknown enum name at the token after it (here the next line).
+  EXPECT_TRUE(contains(message(ok + "checkpoint_layout: FP8\n"),
+                       "c.textproto:3:1: Unknown enumeration value of \"FP8\" for field "
+                       "\"checkpoint_layout\""));
+  auto released = ParseSftConfig(ok + "checkpoint_layout: CHECKPOINT_LAYOUT_RELEASED\n", "c");
+  ASSERT_TRUE(released.ok()) << released.status();
+  EXPECT_EQ(released->trainer.checkpoint_layout, trainer::CheckpointLayout::kReleased);
   // Defaults where a field is not written; explicit values where it is.
   auto defaults = ParseSftConfig(ok, "c.textproto");
   ASSERT_TRUE(defaults.ok()) << defaults.status();
@@ -215,6 +223,7 @@ TEST(SftTest, ConfigErrorsNameTheField) {
   EXPECT_EQ(defaults->trainer.optimizer.schedule.peak_lr, 2.7e-4);
   EXPECT_EQ(defaults->trainer.optimizer.muon.weight_decay, 0.1f);
   EXPECT_EQ(defaults->trainer.optimizer.max_grad_norm, 1.0);
+  EXPECT_EQ(defaults->trainer.checkpoint_layout, trainer::CheckpointLayout::kHf);
   auto parsed =
       ParseSftConfig(ok + "# a comment\n"
                           "qat_experts: true bias_update_speed: 0.5 seed: 9\n"
