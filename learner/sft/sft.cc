@@ -276,15 +276,19 @@ absl::StatusOr<PackedRows> PackExamples(const std::vector<SftExample>& examples,
   PackedRows rows;
   rows.seq_len = T;
   std::vector<int64_t> tok, tgt;
+  std::vector<int32_t> doc;
   auto flush = [&] {
     if (tok.empty()) return;
     tgt.resize(tok.size(), -1);
     tok.resize(T, 0);
     tgt.resize(T, -1);
+    doc.resize(T, -1);
     rows.tokens.push_back(std::move(tok));
     rows.targets.push_back(std::move(tgt));
+    rows.documents.push_back(std::move(doc));
     tok.clear();
     tgt.clear();
+    doc.clear();
   };
   for (size_t i = 0; i < examples.size(); ++i) {
     const SftExample& ex = examples[i];
@@ -293,11 +297,13 @@ absl::StatusOr<PackedRows> PackExamples(const std::vector<SftExample>& examples,
       return absl::InvalidArgumentError(
           absl::StrCat("example ", i, " has ", len, " tokens, more than seq_len ", T));
     if (static_cast<int64_t>(tok.size()) + len > T) flush();
+    const int32_t d = doc.empty() ? 0 : doc.back() + 1;
     // Position p (this example's k-th token) predicts token k+1 when that is a completion token.
     const int64_t P = static_cast<int64_t>(ex.prompt.size());
     for (int64_t k = 0; k < len; ++k) {
       tok.push_back(k < P ? ex.prompt[k] : ex.completion[k - P]);
       tgt.push_back(k + 1 < len && k + 1 >= P ? ex.completion[k + 1 - P] : -1);
+      doc.push_back(d);
     }
   }
   flush();
@@ -323,6 +329,7 @@ SftBatch MakeBatch(const PackedRows& rows, int64_t batch_size, int64_t position,
     const int64_t r = perm[k % R];
     b.tokens.insert(b.tokens.end(), rows.tokens[r].begin(), rows.tokens[r].end());
     b.targets.insert(b.targets.end(), rows.targets[r].begin(), rows.targets[r].end());
+    b.documents.insert(b.documents.end(), rows.documents[r].begin(), rows.documents[r].end());
   }
   for (int64_t t : b.targets) scored += t >= 0;
   const float w = scored > 0 ? 1.0f / static_cast<float>(scored) : 0.0f;

@@ -21,9 +21,10 @@
 // token t+1 when that token is a completion token of the same example; the
 // loss is the mean cross-entropy over the scored positions of a batch. Rows
 // are visited in a per-epoch permutation drawn from the seed, so the data
-// position (batches consumed) alone restores the order on resume. Note: the
-// CPU forward has no per-document attention mask, so a packed example attends
-// to the examples before it in its row.
+// position (batches consumed) alone restores the order on resume. Each packed
+// example is a sequence of its own to the model (v4::TokenBatch::documents:
+// positions from 0, no attention or compressor state across examples);
+// padding is not run. Batch and token accounting stay per row.
 //
 // Thread-safety: RunSft is a blocking call on the caller's thread.
 #ifndef RETORT_LEARNER_SFT_SFT_H_
@@ -72,10 +73,12 @@ struct SftExample {
 [[nodiscard]] absl::StatusOr<std::vector<SftExample>> ReadSftData(
     const std::string& path, const tokenizer::Tokenizer* tokenizer, int64_t vocab_size);
 
-// Rows of `seq_len` tokens with per-position targets (-1: not scored).
+// Rows of `seq_len` tokens with per-position targets (-1: not scored) and
+// documents (the example's index within its row; -1: padding).
 struct PackedRows {
   int64_t seq_len = 0;
   std::vector<std::vector<int64_t>> tokens, targets;
+  std::vector<std::vector<int32_t>> documents;
 };
 [[nodiscard]] absl::StatusOr<PackedRows> PackExamples(const std::vector<SftExample>& examples,
                                                       int64_t seq_len);
@@ -85,8 +88,9 @@ struct PackedRows {
 struct SftBatch {
   std::vector<int64_t> tokens, targets;
   std::vector<float> weights;
+  std::vector<int32_t> documents;
   int64_t B = 0, T = 0;
-  v4::TokenBatch view() const { return {tokens, targets, weights, B, T, {}, 0.0f}; }
+  v4::TokenBatch view() const { return {tokens, targets, weights, B, T, {}, 0.0f, documents}; }
 };
 SftBatch MakeBatch(const PackedRows& rows, int64_t batch_size, int64_t position, uint64_t seed);
 

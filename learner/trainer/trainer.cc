@@ -287,15 +287,22 @@ absl::Status Trainer::Prefetch(const v4::TokenBatch& batch) {
   p.routes.resize(static_cast<size_t>(c.num_layers) * B * T * K);
   p.B = B;
   p.T = T;
-  for (int64_t b = 0; b < B; ++b) {
+  if (!batch.documents.empty() && static_cast<int64_t>(batch.documents.size()) != B * T)
+    return absl::InvalidArgumentError(absl::StrCat("Prefetch: documents has ",
+                                                   batch.documents.size(),
+                                                   " entries, expected B*T for B=", B, " T=", T));
+  // Padding (not run) gets experts 0..K-1: valid routes nothing reads.
+  for (size_t i = 0; i < p.routes.size(); ++i) p.routes[i] = static_cast<int32_t>(i % K);
+  // Routed as the training forward runs it: document by document (Note [Packed documents]).
+  for (const auto& [begin, length] : v4::SequencesOf(batch)) {
     auto state = model_->NewState();
     v4::StepOutputs out;
     out.capture_routes = true;
-    std::vector<v4::Model::Chunk> chunk = {{state.get(), batch.tokens.subspan(b * T, T)}};
+    std::vector<v4::Model::Chunk> chunk = {{state.get(), batch.tokens.subspan(begin, length)}};
     RETURN_IF_ERROR(model_->Step(chunk, &out).status());
     for (int l = 0; l < c.num_layers; ++l)
       std::copy(out.routes[l].begin(), out.routes[l].end(),
-                p.routes.begin() + ((l * B + b) * T) * K);
+                p.routes.begin() + (l * B * T + begin) * K);
   }
   prefetched_.push_back(std::move(p));
   return absl::OkStatus();

@@ -756,11 +756,11 @@ struct LayerSaved {
 // One sequence: forward with saved activations, then backward of
 // sum_t weights[t] * -log p(targets[t] | tokens[..t]) over positions whose
 // target is >= 0. Writes log p(target) (0 where masked) to `logprobs`.
-// `replay`: [L, B, T, K] recorded routes or null; `b` and `B` locate this
-// sequence in it. Adds this sequence's routed assignments to `load` [L][E].
+// `replay`: [L, n, K] recorded routes (n = B*T positions) or null; this
+// sequence starts at position `offset` of it. Adds this sequence's routed assignments to `load` [L][E].
 absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int64_t T, const int64_t* targets,
-                                            const float* weights, float* logprobs, const int32_t* replay, int64_t b,
-                                            int64_t B, std::vector<std::vector<int64_t>>& load) {
+                                            const float* weights, float* logprobs, const int32_t* replay,
+                                            int64_t offset, int64_t n, std::vector<std::vector<int64_t>>& load) {
   const auto& c = cx.c;
   const Weights& W = cx.m.weights();
   const int hc = c.hc_mult;
@@ -795,7 +795,7 @@ absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int6
     s.r_ffn.resize(T);
     NormFwd(s.u_ffn.data(), T, d, L.ffn_norm.data<float>(), eps, s.xn_ffn.data(), s.r_ffn.data());
     const int K = c.experts_per_token;
-    MoeFwd(cx, l, s.xn_ffn, tokens, T, replay ? replay + ((l * B + b) * T) * K : nullptr, s.moe, s.f_ffn);
+    MoeFwd(cx, l, s.xn_ffn, tokens, T, replay ? replay + (l * n + offset) * K : nullptr, s.moe, s.f_ffn);
     for (int64_t e : s.moe.idx) ++load[l][e];
     cx.balance_loss += s.moe.balance_loss;
     HcMix(cx, s.X1, s.f_ffn, s.hc_ffn, T, X);
@@ -869,6 +869,25 @@ absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int6
 }  // namespace
 }  // namespace internal
 
+std::vector<std::pair<int64_t, int64_t>> SequencesOf(const TokenBatch& batch) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t b = 0; b < batch.B; ++b) {
+    const int64_t row = b * batch.T;
+    if (batch.documents.empty()) {
+      out.emplace_back(row, batch.T);
+      continue;
+    }
+    for (int64_t t = 0; t < batch.T;) {
+      const int32_t doc = batch.documents[row + t];
+      int64_t e = t + 1;
+      while (e < batch.T && batch.documents[row + e] == doc) ++e;
+      if (doc >= 0) out.emplace_back(row + t, e - t);
+      t = e;
+    }
+  }
+  return out;
+}
+
 absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, const TokenBatch& batch,
                                                            Gradients* grads) {
   const auto& c = model.config();
@@ -896,6 +915,16 @@ absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, c
     if (!std::isfinite(batch.weights[i]))
       return absl::InvalidArgumentError(absl::StrCat("token batch: weights[", i / T, ", ", i % T,
                                                      "] is not finite"));
+  }
+  if (!batch.documents.empty()) {
+    if (static_cast<int64_t>(batch.documents.size()) != n)
+      return absl::InvalidArgumentError(absl::StrCat("token batch: documents has ", batch.documents.size(),
+                                                     " entries, expected B*T = ", n));
+    for (int64_t i = 0; i < n; ++i)
+      if (batch.documents[i] < 0 && batch.targets[i] >= 0)
+        return absl::InvalidArgumentError(absl::StrCat("token batch: position [", i / T, ", ", i % T,
+                                                       "] is padding (documents < 0) but has target ",
+                                                       batch.targets[i]));
   }
   for (const auto& l : model.weights().layers)
     for (const auto& e : l.moe.experts)
@@ -935,10 +964,14 @@ absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, c
   out.logprobs.assign(n, 0.0f);
   out.expert_load.assign(c.num_layers, std::vector<int64_t>(E, 0));
   const int32_t* replay = batch.replay_routes.empty() ? nullptr : batch.replay_routes.data();
-  for (int64_t b = 0; b < B; ++b) {
-    ASSIGN_OR_RETURN(double l, internal::SequenceLossAndGrads(cx, batch.tokens.data() + b * T, T, batch.targets.data() + b * T,
-                                                    batch.weights.data() + b * T, out.logprobs.data() + b * T,
-                                                    replay, b, B, out.expert_load));
+  // Note [Packed documents]: each run of equal non-negative document ids is
+  // its own sequence (positions from 0, no attention, compressor window or
+  // state across runs); negative ids are padding and are not run at all.
+  for (const auto& [begin, length] : SequencesOf(batch)) {
+    ASSIGN_OR_RETURN(double l, internal::SequenceLossAndGrads(
+                                   cx, batch.tokens.data() + begin, length, batch.targets.data() + begin,
+                                   batch.weights.data() + begin, out.logprobs.data() + begin, replay, begin, n,
+                                   out.expert_load));
     out.loss += l;
   }
   out.balance_loss = cx.balance_loss;

@@ -281,6 +281,9 @@ TEST(SftTest, PackingMasksPromptsAndKeepsExamplesApart) {
   EXPECT_EQ(rows->targets[0], (std::vector<int64_t>{-1, 3, 4, -1, 6, 7, -1, -1}));
   EXPECT_EQ(rows->tokens[1], (std::vector<int64_t>{8, 9, 10, 11, 0, 0, 0, 0}));
   EXPECT_EQ(rows->targets[1], (std::vector<int64_t>{-1, -1, 11, -1, -1, -1, -1, -1}));
+  // Each example is its own document (the model runs it as its own sequence); -1 is padding.
+  EXPECT_EQ(rows->documents[0], (std::vector<int32_t>{0, 0, 0, 0, 1, 1, 1, -1}));
+  EXPECT_EQ(rows->documents[1], (std::vector<int32_t>{0, 0, 0, 0, -1, -1, -1, -1}));
   const SftBatch b =
       MakeBatch(*rows, 3, 0, 5);  // 3 rows of an epoch of 2: wraps into the next epoch
   EXPECT_EQ(b.B, 3);
@@ -294,6 +297,8 @@ TEST(SftTest, PackingMasksPromptsAndKeepsExamplesApart) {
     }
   }
   EXPECT_GE(scored, 5);
+  EXPECT_EQ(b.documents.size(), b.tokens.size());
+  EXPECT_EQ(b.view().documents.size(), b.tokens.size());
   EXPECT_NEAR(sum, 1.0f, 1e-6f);
 }
 
