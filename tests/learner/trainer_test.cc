@@ -38,7 +38,7 @@ struct Batch {
   std::vector<int64_t> tokens, targets;
   std::vector<float> weights;
   int64_t B = 2, T = 12;
-  v4::TokenBatch view() const { return {tokens, targets, weights, B, T, {}, 0.0f}; }
+  v4::TokenBatch view() const { return {tokens, targets, weights, B, T, {}, 0.0f, {}}; }
 };
 
 // Next-token batch drawn from the trainer's RNG; the first 3 positions of each

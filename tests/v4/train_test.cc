@@ -113,7 +113,7 @@ struct WeightedCase {
   std::vector<int64_t> tokens, targets;
   std::vector<float> weights;
   int64_t B = 2, T = 13;
-  TokenBatch batch() const { return {tokens, targets, weights, B, T, {}, 0.0f}; }
+  TokenBatch batch() const { return {tokens, targets, weights, B, T, {}, 0.0f, {}}; }
 };
 
 // Random ids; every third position masked, the rest with weights of both signs.
@@ -481,7 +481,7 @@ TEST(V4TrainTest, PackedDocumentsRunAsSeparateSequences) {
                    1,
                    n,
                    {},
-                   0.0f};
+                   0.0f, {}};
     auto l = WeightedTokenLossAndGradients(**model, one, &g_apart);
     ASSERT_TRUE(l.ok()) << l.status();
     loss_apart += l->loss;
