@@ -15,7 +15,9 @@
 #include "model/v4/model.h"
 #include "model/v4/train.h"
 
-ABSL_FLAG(std::string, config, "", "learner: the run's JSON config (see configs/sft_tiny.json)");
+ABSL_FLAG(std::string, config, "",
+          "learner: the run's config, protobuf text (retort.v1.SftLearnerConfig; see "
+          "configs/sft_tiny.textproto)");
 
 namespace retort::controller {
 namespace {

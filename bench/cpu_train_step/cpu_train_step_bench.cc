@@ -134,7 +134,7 @@ int main(int argc, char** argv) {
         targets[b * T + i] = tokens[b * T + i + 1];
         weights[b * T + i] = 1.0f / static_cast<float>(B * (T - 1));
       }
-    const v4::TokenBatch batch{tokens, targets, weights, B, T, {}, 0.0f};
+    const v4::TokenBatch batch{tokens, targets, weights, B, T, {}, 0.0f, {}};
     if (auto r = (*t)->Step(batch); !r.ok()) {  // warm-up
       std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
       return 1;

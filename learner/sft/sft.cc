@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -14,48 +15,35 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/io/tokenizer.h"
+#include "google/protobuf/text_format.h"
 #include "learner/trainer/event_writer.h"
 #include "model/base/status_macros.h"
 #include "model/tokenizer/chat_template.h"
 #include "nlohmann/json.hpp"
+#include "retort/v1/config.pb.h"
 
 namespace retort::sft {
 namespace {
 
 using json = nlohmann::json;
 
-absl::Status UnknownKeys(const json& j, const std::set<std::string>& known,
-                         const std::string& where) {
-  for (auto it = j.begin(); it != j.end(); ++it)
-    if (!known.count(it.key()))
-      return absl::InvalidArgumentError(absl::StrCat(where, ": unknown field '", it.key(), "'"));
-  return absl::OkStatus();
-}
-
-// Type checks before get<>(), so nlohmann never throws (retort does not use exceptions).
-bool Fits(const json& v, const std::string*) { return v.is_string(); }
-bool Fits(const json& v, const int64_t*) { return v.is_number_integer(); }
-bool Fits(const json& v, const uint64_t*) { return v.is_number_unsigned(); }
-bool Fits(const json& v, const double*) { return v.is_number(); }
-bool Fits(const json& v, const float*) { return v.is_number(); }
-bool Fits(const json& v, const bool*) { return v.is_boolean(); }
-
-template <typename T>
-absl::Status Read(const json& j, const char* key, const std::string& where, T* out,
-                  bool required = false) {
-  auto it = j.find(key);
-  if (it == j.end()) {
-    if (required)
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": missing required field '", key, "'"));
-    return absl::OkStatus();
+// TextFormat reports errors with 0-based line and column; the first becomes
+// "<file>:<line>:<column>: <message>" (1-based, as editors count).
+class ConfigErrorCollector : public google::protobuf::io::ErrorCollector {
+ public:
+  explicit ConfigErrorCollector(std::string source) : source_(std::move(source)) {}
+  void AddError(int line, google::protobuf::io::ColumnNumber column,
+                const std::string& message) override {
+    if (first_.empty())
+      first_ = absl::StrCat(source_, ":", line + 1, ":", column + 1, ": ", message);
   }
-  if (!Fits(*it, out))
-    return absl::InvalidArgumentError(
-        absl::StrCat(where, ": field '", key, "' has the wrong type (", it->type_name(), ")"));
-  *out = it->get<T>();
-  return absl::OkStatus();
-}
+  const std::string& first_error() const { return first_; }
+
+ private:
+  std::string source_;
+  std::string first_;
+};
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -124,82 +112,99 @@ absl::StatusOr<SftExample> ChatExample(const tokenizer::Tokenizer& tok,
 }  // namespace
 
 absl::StatusOr<SftOptions> ParseSftConfig(const std::string& text, const std::string& source) {
-  json j = json::parse(text, nullptr, false);
-  if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
-  if (!j.is_object())
-    return absl::InvalidArgumentError(absl::StrCat(source, ": must be a JSON object"));
-  RETURN_IF_ERROR(
-      UnknownKeys(j,
-                  {"model", "data", "output_dir", "batch_size", "seq_len", "steps",
-                   "checkpoint_every", "resume", "seed", "tensorboard", "bias_update_speed",
-                   "qat_experts", "balance_loss_weight", "anticipatory_routing_delay", "optimizer"},
-                  source));
+  v1::SftLearnerConfig cfg;
+  {
+    ConfigErrorCollector errors(source);
+    google::protobuf::TextFormat::Parser parser;
+    parser.RecordErrorsTo(&errors);  // unknown fields and repeated singular fields are errors
+    if (!parser.ParseFromString(text, &cfg) || !errors.first_error().empty())
+      return absl::InvalidArgumentError(errors.first_error().empty()
+                                            ? absl::StrCat(source, ": not a valid SftLearnerConfig")
+                                            : errors.first_error());
+  }
+  auto bad = [&](const std::string& field, const auto&... what) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": '", field, "' ", what...));
+  };
   SftOptions o;
-  RETURN_IF_ERROR(Read(j, "model", source, &o.model_dir, true));
-  RETURN_IF_ERROR(Read(j, "data", source, &o.data_path, true));
-  RETURN_IF_ERROR(Read(j, "output_dir", source, &o.output_dir, true));
-  RETURN_IF_ERROR(Read(j, "batch_size", source, &o.batch_size));
-  RETURN_IF_ERROR(Read(j, "seq_len", source, &o.seq_len));
-  RETURN_IF_ERROR(Read(j, "steps", source, &o.steps));
-  RETURN_IF_ERROR(Read(j, "checkpoint_every", source, &o.checkpoint_every));
-  RETURN_IF_ERROR(Read(j, "resume", source, &o.resume));
-  RETURN_IF_ERROR(Read(j, "seed", source, &o.trainer.seed));
-  RETURN_IF_ERROR(Read(j, "tensorboard", source, &o.tensorboard));
-  RETURN_IF_ERROR(Read(j, "bias_update_speed", source, &o.trainer.bias_update_speed));
-  RETURN_IF_ERROR(Read(j, "qat_experts", source, &o.trainer.qat_experts));
-  RETURN_IF_ERROR(Read(j, "balance_loss_weight", source, &o.trainer.balance_loss_weight));
-  int64_t delay = o.trainer.anticipatory_routing_delay;
-  RETURN_IF_ERROR(Read(j, "anticipatory_routing_delay", source, &delay));
-  if (delay < 0 || delay > 1000)
-    return absl::InvalidArgumentError(
-        absl::StrCat(source, ": 'anticipatory_routing_delay' must be in 0..1000, got ", delay));
-  o.trainer.anticipatory_routing_delay = static_cast<int>(delay);
-  if (o.trainer.balance_loss_weight < 0)
-    return absl::InvalidArgumentError(absl::StrCat(source, ": 'balance_loss_weight' must be >= 0"));
-  if (o.trainer.bias_update_speed < 0)
-    return absl::InvalidArgumentError(absl::StrCat(source, ": 'bias_update_speed' must be >= 0"));
+  o.model_dir = cfg.model();
+  o.data_path = cfg.data();
+  o.output_dir = cfg.output_dir();
+  for (const auto& [name, value] :
+       {std::pair<const char*, const std::string*>{"model", &o.model_dir},
+        {"data", &o.data_path},
+        {"output_dir", &o.output_dir}})
+    if (value->empty()) return bad(name, "is required and must not be empty");
+  if (cfg.has_batch_size()) o.batch_size = cfg.batch_size();
+  if (cfg.has_seq_len()) o.seq_len = cfg.seq_len();
+  if (cfg.has_steps()) o.steps = cfg.steps();
+  if (cfg.has_checkpoint_every()) o.checkpoint_every = cfg.checkpoint_every();
+  if (cfg.has_resume()) o.resume = cfg.resume();
+  if (cfg.has_tensorboard()) o.tensorboard = cfg.tensorboard();
+  trainer::TrainerOptions& tr = o.trainer;
+  if (cfg.has_seed()) tr.seed = cfg.seed();
+  if (cfg.has_bias_update_speed()) tr.bias_update_speed = cfg.bias_update_speed();
+  if (cfg.has_qat_experts()) tr.qat_experts = cfg.qat_experts();
+  if (cfg.has_balance_loss_weight()) tr.balance_loss_weight = cfg.balance_loss_weight();
+  int64_t delay = tr.anticipatory_routing_delay;
+  if (cfg.has_anticipatory_routing_delay()) delay = cfg.anticipatory_routing_delay();
   for (const auto& [name, v] : {std::pair<const char*, int64_t>{"batch_size", o.batch_size},
                                 {"seq_len", o.seq_len},
                                 {"steps", o.steps}})
-    if (v <= 0)
-      return absl::InvalidArgumentError(
-          absl::StrCat(source, ": '", name, "' must be positive, got ", v));
-  if (o.seq_len < 2)
-    return absl::InvalidArgumentError(absl::StrCat(source, ": 'seq_len' must be at least 2"));
+    if (v <= 0) return bad(name, "must be positive, got ", v);
+  if (o.seq_len < 2) return bad("seq_len", "must be at least 2, got ", o.seq_len);
   if (o.checkpoint_every < 0)
-    return absl::InvalidArgumentError(absl::StrCat(source, ": 'checkpoint_every' must be >= 0"));
-  for (const char* key : {"model", "data", "output_dir"})
-    if (j[key].get<std::string>().empty())
-      return absl::InvalidArgumentError(absl::StrCat(source, ": '", key, "' must not be empty"));
-  optim::OptimizerConfig& oc = o.trainer.optimizer;
+    return bad("checkpoint_every", "must be >= 0, got ", o.checkpoint_every);
+  if (delay < 0 || delay > 1000)
+    return bad("anticipatory_routing_delay", "must be in 0..1000, got ", delay);
+  tr.anticipatory_routing_delay = static_cast<int>(delay);
+  if (!(tr.balance_loss_weight >= 0) || !std::isfinite(tr.balance_loss_weight))
+    return bad("balance_loss_weight", "must be finite and >= 0, got ", tr.balance_loss_weight);
+  if (!(tr.bias_update_speed >= 0) || !std::isfinite(tr.bias_update_speed))
+    return bad("bias_update_speed", "must be finite and >= 0, got ", tr.bias_update_speed);
+
+  if (!v1::CheckpointLayout_IsValid(cfg.checkpoint_layout()))
+    return bad("checkpoint_layout", "is ", static_cast<int>(cfg.checkpoint_layout()),
+               ", not a known layout (CHECKPOINT_LAYOUT_HF or _RELEASED)");
+  tr.checkpoint_layout = cfg.checkpoint_layout() == v1::CHECKPOINT_LAYOUT_RELEASED
+                             ? trainer::CheckpointLayout::kReleased
+                             : trainer::CheckpointLayout::kHf;
+
+  optim::OptimizerConfig& oc = tr.optimizer;
+  const v1::OptimizerSettings& op = cfg.optimizer();
   oc.schedule.total_steps = o.steps;
-  if (auto it = j.find("optimizer"); it != j.end()) {
-    const std::string where = source + ": optimizer";
-    if (!it->is_object())
-      return absl::InvalidArgumentError(absl::StrCat(where, " must be an object"));
-    RETURN_IF_ERROR(UnknownKeys(*it,
-                                {"schedule", "lr", "final_lr", "warmup_steps", "max_grad_norm",
-                                 "weight_decay", "muon_momentum", "adam_beta1", "adam_beta2"},
-                                where));
-    std::string schedule = ScheduleKindName(oc.schedule.kind);
-    RETURN_IF_ERROR(Read(*it, "schedule", where, &schedule));
-    auto kind = optim::ScheduleKindFromName(schedule);
-    if (!kind)
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": unknown schedule '", schedule, "' (constant, linear or cosine)"));
-    oc.schedule.kind = *kind;
-    RETURN_IF_ERROR(Read(*it, "lr", where, &oc.schedule.peak_lr));
-    oc.schedule.final_lr = oc.schedule.peak_lr / 10;
-    RETURN_IF_ERROR(Read(*it, "final_lr", where, &oc.schedule.final_lr));
-    RETURN_IF_ERROR(Read(*it, "warmup_steps", where, &oc.schedule.warmup_steps));
-    RETURN_IF_ERROR(Read(*it, "max_grad_norm", where, &oc.max_grad_norm));
-    float wd = oc.muon.weight_decay;
-    RETURN_IF_ERROR(Read(*it, "weight_decay", where, &wd));
-    oc.muon.weight_decay = oc.adamw.weight_decay = wd;
-    RETURN_IF_ERROR(Read(*it, "muon_momentum", where, &oc.muon.momentum));
-    RETURN_IF_ERROR(Read(*it, "adam_beta1", where, &oc.adamw.beta1));
-    RETURN_IF_ERROR(Read(*it, "adam_beta2", where, &oc.adamw.beta2));
-  }
+  if (!v1::LrSchedule_IsValid(op.schedule()))  // proto3 enums are open: any number parses
+    return bad("optimizer.schedule", "is ", static_cast<int>(op.schedule()),
+               ", not a known schedule (LR_SCHEDULE_CONSTANT, _LINEAR or _COSINE)");
+  oc.schedule.kind = op.schedule() == v1::LR_SCHEDULE_LINEAR   ? optim::ScheduleKind::kLinear
+                     : op.schedule() == v1::LR_SCHEDULE_COSINE ? optim::ScheduleKind::kCosine
+                                                               : optim::ScheduleKind::kConstant;
+  if (op.has_lr()) oc.schedule.peak_lr = op.lr();
+  if (!(oc.schedule.peak_lr > 0) || !std::isfinite(oc.schedule.peak_lr))
+    return bad("optimizer.lr", "must be finite and > 0, got ", oc.schedule.peak_lr);
+  oc.schedule.final_lr = op.has_final_lr() ? op.final_lr() : oc.schedule.peak_lr / 10;
+  if (!(oc.schedule.final_lr >= 0) || !std::isfinite(oc.schedule.final_lr))
+    return bad("optimizer.final_lr", "must be finite and >= 0, got ", oc.schedule.final_lr);
+  if (op.has_warmup_steps()) oc.schedule.warmup_steps = op.warmup_steps();
+  if (oc.schedule.warmup_steps < 0)
+    return bad("optimizer.warmup_steps", "must be >= 0, got ", oc.schedule.warmup_steps);
+  if (op.has_max_grad_norm()) oc.max_grad_norm = op.max_grad_norm();
+  if (!std::isfinite(oc.max_grad_norm))
+    return bad("optimizer.max_grad_norm", "must be finite, got ", oc.max_grad_norm);
+  if (op.has_weight_decay()) oc.muon.weight_decay = oc.adamw.weight_decay = op.weight_decay();
+  if (!(oc.muon.weight_decay >= 0) || !std::isfinite(oc.muon.weight_decay))
+    return bad("optimizer.weight_decay", "must be finite and >= 0, got ", oc.muon.weight_decay);
+  auto unit = [&](const char* name, bool has, float value, float* out) -> absl::Status {
+    if (!has) return absl::OkStatus();
+    if (!(value >= 0.0f && value < 1.0f)) return bad(name, "must be in [0, 1), got ", value);
+    *out = value;
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(unit("optimizer.muon_momentum", op.has_muon_momentum(), op.muon_momentum(),
+                       &oc.muon.momentum));
+  RETURN_IF_ERROR(
+      unit("optimizer.adam_beta1", op.has_adam_beta1(), op.adam_beta1(), &oc.adamw.beta1));
+  RETURN_IF_ERROR(
+      unit("optimizer.adam_beta2", op.has_adam_beta2(), op.adam_beta2(), &oc.adamw.beta2));
   if (absl::Status s = optim::ValidateSchedule(oc.schedule); !s.ok())
     return Annotate(s, source + ": optimizer");
   return o;
@@ -271,15 +276,19 @@ absl::StatusOr<PackedRows> PackExamples(const std::vector<SftExample>& examples,
   PackedRows rows;
   rows.seq_len = T;
   std::vector<int64_t> tok, tgt;
+  std::vector<int32_t> doc;
   auto flush = [&] {
     if (tok.empty()) return;
     tgt.resize(tok.size(), -1);
     tok.resize(T, 0);
     tgt.resize(T, -1);
+    doc.resize(T, -1);
     rows.tokens.push_back(std::move(tok));
     rows.targets.push_back(std::move(tgt));
+    rows.documents.push_back(std::move(doc));
     tok.clear();
     tgt.clear();
+    doc.clear();
   };
   for (size_t i = 0; i < examples.size(); ++i) {
     const SftExample& ex = examples[i];
@@ -288,11 +297,13 @@ absl::StatusOr<PackedRows> PackExamples(const std::vector<SftExample>& examples,
       return absl::InvalidArgumentError(
           absl::StrCat("example ", i, " has ", len, " tokens, more than seq_len ", T));
     if (static_cast<int64_t>(tok.size()) + len > T) flush();
+    const int32_t d = doc.empty() ? 0 : doc.back() + 1;
     // Position p (this example's k-th token) predicts token k+1 when that is a completion token.
     const int64_t P = static_cast<int64_t>(ex.prompt.size());
     for (int64_t k = 0; k < len; ++k) {
       tok.push_back(k < P ? ex.prompt[k] : ex.completion[k - P]);
       tgt.push_back(k + 1 < len && k + 1 >= P ? ex.completion[k + 1 - P] : -1);
+      doc.push_back(d);
     }
   }
   flush();
@@ -318,6 +329,7 @@ SftBatch MakeBatch(const PackedRows& rows, int64_t batch_size, int64_t position,
     const int64_t r = perm[k % R];
     b.tokens.insert(b.tokens.end(), rows.tokens[r].begin(), rows.tokens[r].end());
     b.targets.insert(b.targets.end(), rows.targets[r].begin(), rows.targets[r].end());
+    b.documents.insert(b.documents.end(), rows.documents[r].begin(), rows.documents[r].end());
   }
   for (int64_t t : b.targets) scored += t >= 0;
   const float w = scored > 0 ? 1.0f / static_cast<float>(scored) : 0.0f;

@@ -1,23 +1,19 @@
 // Supervised fine-tuning: the config, the JSONL reader, sequence packing and
 // the loop that drives a Trainer (learner/trainer) with prompt tokens masked.
 //
-// Config (JSON, see configs/sft_tiny.json; unknown keys are errors):
-//   model        model directory (config.json + safetensors [+ tokenizer.json])
+// Config: protobuf text of retort.v1.SftLearnerConfig (proto/retort/v1/
+// config.proto documents every field with its unit and default; see
+// configs/sft_tiny.textproto). Syntax errors and unknown fields are
+// InvalidArgument "<file>:<line>:<column>: ..."; bad values name the field.
+// The data the config points at:
 //   data         JSONL, one record a line, one of:
 //                  {"prompt_ids": [..], "completion_ids": [..]}
 //                  {"prompt": "text", "completion": "text"}   (needs a tokenizer)
 //                  {"messages": [{"role": "user"|"system"|"assistant", "content": ".."}, ..]}
 //                text records are rendered with the V4 chat template; the last
 //                assistant turn is the completion
-//   output_dir   checkpoints (<output_dir>/checkpoint) and metrics.jsonl
-//   batch_size, seq_len, steps, checkpoint_every (0: only at the end), seed,
-//   resume (continue from <output_dir>/checkpoint), tensorboard (event files
-//   under <output_dir>/tensorboard), bias_update_speed, qat_experts,
-//   balance_loss_weight and anticipatory_routing_delay (see
-//   trainer::TrainerOptions; with a delay the loop prefetches each batch that
-//   many steps ahead), optimizer {schedule, lr, final_lr,
-//   warmup_steps, max_grad_norm, weight_decay, muon_momentum, adam_beta1,
-//   adam_beta2}; parameter groups are the V4 defaults (optim::DefaultV4Rules).
+//   With anticipatory_routing_delay the loop prefetches each batch that many
+//   steps ahead; parameter groups are the V4 defaults (optim::DefaultV4Rules).
 //
 // Packing: examples (prompt + completion ids) are placed whole, in file order,
 // greedily into rows of seq_len tokens, padded with token 0. An example longer
@@ -25,9 +21,10 @@
 // token t+1 when that token is a completion token of the same example; the
 // loss is the mean cross-entropy over the scored positions of a batch. Rows
 // are visited in a per-epoch permutation drawn from the seed, so the data
-// position (batches consumed) alone restores the order on resume. Note: the
-// CPU forward has no per-document attention mask, so a packed example attends
-// to the examples before it in its row.
+// position (batches consumed) alone restores the order on resume. Each packed
+// example is a sequence of its own to the model (v4::TokenBatch::documents:
+// positions from 0, no attention or compressor state across examples);
+// padding is not run. Batch and token accounting stay per row.
 //
 // Thread-safety: RunSft is a blocking call on the caller's thread.
 #ifndef RETORT_LEARNER_SFT_SFT_H_
@@ -59,9 +56,10 @@ struct SftOptions {
   trainer::TrainerOptions trainer;
 };
 
-// Parses and validates a config (see the header comment); `source` names it
-// in errors. Relative paths stay relative to the working directory.
-[[nodiscard]] absl::StatusOr<SftOptions> ParseSftConfig(const std::string& json_text,
+// Parses protobuf text (see the header comment) and validates it into
+// SftOptions; `source` names it in errors. Relative paths stay relative to
+// the working directory. LoadSftConfig reads a file (NotFound if missing).
+[[nodiscard]] absl::StatusOr<SftOptions> ParseSftConfig(const std::string& textproto,
                                                         const std::string& source);
 [[nodiscard]] absl::StatusOr<SftOptions> LoadSftConfig(const std::string& path);
 
@@ -75,10 +73,12 @@ struct SftExample {
 [[nodiscard]] absl::StatusOr<std::vector<SftExample>> ReadSftData(
     const std::string& path, const tokenizer::Tokenizer* tokenizer, int64_t vocab_size);
 
-// Rows of `seq_len` tokens with per-position targets (-1: not scored).
+// Rows of `seq_len` tokens with per-position targets (-1: not scored) and
+// documents (the example's index within its row; -1: padding).
 struct PackedRows {
   int64_t seq_len = 0;
   std::vector<std::vector<int64_t>> tokens, targets;
+  std::vector<std::vector<int32_t>> documents;
 };
 [[nodiscard]] absl::StatusOr<PackedRows> PackExamples(const std::vector<SftExample>& examples,
                                                       int64_t seq_len);
@@ -88,8 +88,9 @@ struct PackedRows {
 struct SftBatch {
   std::vector<int64_t> tokens, targets;
   std::vector<float> weights;
+  std::vector<int32_t> documents;
   int64_t B = 0, T = 0;
-  v4::TokenBatch view() const { return {tokens, targets, weights, B, T, {}, 0.0f}; }
+  v4::TokenBatch view() const { return {tokens, targets, weights, B, T, {}, 0.0f, documents}; }
 };
 SftBatch MakeBatch(const PackedRows& rows, int64_t batch_size, int64_t position, uint64_t seed);
 

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "model/base/status_macros.h"
 #include "model/io/v4_config.h"
+#include "model/kernels/cpu/cpu_kernels.h"
 #include "model/tensor/dtype.h"
 
 namespace retort::trainer {
@@ -75,7 +76,25 @@ absl::StatusOr<int64_t> ReadScalar(const io::SafetensorsFile& f, const std::stri
   return t.data<int64_t>()[0];
 }
 
+constexpr std::pair<CheckpointLayout, std::string_view> kLayoutNames[] = {
+    {CheckpointLayout::kHf, "hf"},
+    {CheckpointLayout::kReleased, "released"},
+};
+
 }  // namespace
+
+std::string_view CheckpointLayoutName(CheckpointLayout layout) {
+  for (const auto& [l, name] : kLayoutNames)
+    if (l == layout) return name;
+  LOG(FATAL) << "unnamed CheckpointLayout " << static_cast<int>(layout);
+  return "";
+}
+
+std::optional<CheckpointLayout> CheckpointLayoutFromName(std::string_view name) {
+  for (const auto& [l, n] : kLayoutNames)
+    if (n == name) return l;
+  return std::nullopt;
+}
 
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Build(const std::string& dir,
                                                         TrainerOptions options) {
@@ -136,6 +155,19 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::FromCheckpoint(const std::stri
         absl::StrCat(state_path, ": no trainer state (not a checkpoint SaveCheckpoint wrote)"));
   ASSIGN_OR_RETURN(std::shared_ptr<io::SafetensorsFile> state,
                    io::SafetensorsFile::Open(state_path));
+  // Old checkpoints have no "model_layout": they were all HF.
+  if (auto it = state->metadata().find("model_layout"); it != state->metadata().end()) {
+    const auto layout = CheckpointLayoutFromName(it->second);
+    if (!layout)
+      return absl::DataLossError(
+          absl::StrCat(state_path, ": unknown model_layout '", it->second, "'"));
+    if (*layout != CheckpointLayout::kHf)
+      return absl::FailedPreconditionError(absl::StrCat(
+          dir, ": the model was saved in the ", it->second,
+          " layout (FP8/MXFP4/BF16): the optimizer state belongs to fp32 master weights it "
+          "does not hold, so the run cannot resume from it; resume from an HF-layout checkpoint, "
+          "or start a new run from this directory as a model"));
+  }
   auto built = Build(dir, std::move(options));
   if (!built.ok()) return Annotate(built.status(), absl::StrCat("loading checkpoint ", dir));
   std::unique_ptr<Trainer> t = std::move(built).value();
@@ -192,18 +224,13 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::FromCheckpoint(const std::stri
 }
 
 void QuantizeMxFp4Rows(float* w, int64_t rows, int64_t cols) {
+  uint8_t codes[32];
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < cols; b += 32) {
       float* x = w + r * cols + b;
       const int64_t n = std::min<int64_t>(32, cols - b);
-      float amax = 0.0f;
-      for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
-      if (amax == 0.0f) continue;
-      // 2^ceil(log2(amax/6)) exactly: frexp gives amax/6 = m * 2^e, m in [0.5, 1).
-      int e = 0;
-      const float m = std::frexp(amax / 6.0f, &e);
-      const float scale = std::ldexp(1.0f, m == 0.5f ? e - 1 : e);
-      for (int64_t i = 0; i < n; ++i) x[i] = scale * E2M1ToF32(F32ToE2M1(x[i] / scale));
+      const float scale = E8M0ToF32(cpu::QuantizeMxFp4Block(x, n, codes));
+      for (int64_t i = 0; i < n; ++i) x[i] = scale * E2M1ToF32(codes[i]);
     }
 }
 
@@ -260,15 +287,22 @@ absl::Status Trainer::Prefetch(const v4::TokenBatch& batch) {
   p.routes.resize(static_cast<size_t>(c.num_layers) * B * T * K);
   p.B = B;
   p.T = T;
-  for (int64_t b = 0; b < B; ++b) {
+  if (!batch.documents.empty() && static_cast<int64_t>(batch.documents.size()) != B * T)
+    return absl::InvalidArgumentError(absl::StrCat("Prefetch: documents has ",
+                                                   batch.documents.size(),
+                                                   " entries, expected B*T for B=", B, " T=", T));
+  // Padding (not run) gets experts 0..K-1: valid routes nothing reads.
+  for (size_t i = 0; i < p.routes.size(); ++i) p.routes[i] = static_cast<int32_t>(i % K);
+  // Routed as the training forward runs it: document by document (Note [Packed documents]).
+  for (const auto& [begin, length] : v4::SequencesOf(batch)) {
     auto state = model_->NewState();
     v4::StepOutputs out;
     out.capture_routes = true;
-    std::vector<v4::Model::Chunk> chunk = {{state.get(), batch.tokens.subspan(b * T, T)}};
+    std::vector<v4::Model::Chunk> chunk = {{state.get(), batch.tokens.subspan(begin, length)}};
     RETURN_IF_ERROR(model_->Step(chunk, &out).status());
     for (int l = 0; l < c.num_layers; ++l)
       std::copy(out.routes[l].begin(), out.routes[l].end(),
-                p.routes.begin() + ((l * B + b) * T) * K);
+                p.routes.begin() + (l * B * T + begin) * K);
   }
   prefetched_.push_back(std::move(p));
   return absl::OkStatus();
@@ -338,16 +372,28 @@ absl::Status Trainer::SaveCheckpoint(const std::string& dir) const {
   const fs::path final_path(d);
   const fs::path parent = final_path.has_parent_path() ? final_path.parent_path() : fs::path(".");
   const std::string tmp = absl::StrCat(d, ".tmp-", getpid());
-  std::error_code ec;
-  fs::remove_all(tmp, ec);
-  if (!fs::create_directories(tmp, ec) || ec)
-    return absl::InternalError(absl::StrCat("creating ", tmp, ": ", ec.message()));
-  RETURN_IF_ERROR(WriteTextDurably(tmp + "/config.json", config_json_));
+  // The model part first: a layout that cannot hold this model fails before
+  // anything is written.
   std::vector<std::pair<std::string, Tensor>> model_tensors;
   for (const auto& nt : tensors_) {
     auto it = masters_.find(nt.name);  // QAT: the fp32 masters, not their round trip
     model_tensors.emplace_back(nt.name, it == masters_.end() ? nt.value : it->second);
   }
+  switch (options_.checkpoint_layout) {
+    case CheckpointLayout::kHf:
+      break;
+    case CheckpointLayout::kReleased: {
+      auto released = v4::ReleasedTensors(model_tensors);
+      if (!released.ok()) return Annotate(released.status(), "released-layout checkpoint " + d);
+      model_tensors = std::move(released).value();
+      break;
+    }
+  }
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  if (!fs::create_directories(tmp, ec) || ec)
+    return absl::InternalError(absl::StrCat("creating ", tmp, ": ", ec.message()));
+  RETURN_IF_ERROR(WriteTextDurably(tmp + "/config.json", config_json_));
   RETURN_IF_ERROR(
       io::WriteSafetensors(tmp + "/model.safetensors", model_tensors, {{"format", "pt"}}));
   std::vector<std::pair<std::string, Tensor>> state;
@@ -363,8 +409,10 @@ absl::Status Trainer::SaveCheckpoint(const std::string& dir) const {
     state.emplace_back(absl::StrCat("trainer.prefetch.", i, ".routes"),
                        Tensor::FromI32(p.routes, {L, p.B, p.T, K}));
   }
-  RETURN_IF_ERROR(
-      io::WriteSafetensors(tmp + "/" + kStateFile, state, {{"producer", "retort trainer"}}));
+  RETURN_IF_ERROR(io::WriteSafetensors(
+      tmp + "/" + kStateFile, state,
+      {{"producer", "retort trainer"},
+       {"model_layout", std::string(CheckpointLayoutName(options_.checkpoint_layout))}}));
   RETURN_IF_ERROR(FsyncPath(tmp, true));
   const std::string old = absl::StrCat(d, ".old-", getpid());
   const bool had_old = fs::exists(final_path);

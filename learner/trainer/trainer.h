@@ -4,13 +4,16 @@
 // group. Checkpoints hold everything a run needs to continue bit-for-bit:
 //
 //   <dir>/config.json              the model config, as the run was started
-//   <dir>/model.safetensors        the model in the HF layout Model::Load reads
+//   <dir>/model.safetensors        the model in the layout the options ask for
+//                                  (HF fp32 by default; released FP8/MXFP4 on
+//                                  request), both read by Model::Load
 //   <dir>/trainer_state.safetensors optimizer state (Optimizer::SaveState),
 //                                  "trainer.step", "trainer.rng",
 //                                  "trainer.data_position" (i64 [1] each),
 //                                  and anticipatory routes not yet used:
 //                                  "trainer.prefetch.<i>.tokens" (i64 [B, T]),
-//                                  "trainer.prefetch.<i>.routes" (i32 [L, B, T, K])
+//                                  "trainer.prefetch.<i>.routes" (i32 [L, B, T, K]);
+//                                  metadata "model_layout": "hf" | "released"
 //
 // A checkpoint is written into <dir>.tmp-<pid>, every file and the directory
 // fsynced, then renamed to <dir>; a previous <dir> is first renamed to
@@ -25,7 +28,9 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -36,6 +41,23 @@
 #include "model/v4/train.h"
 
 namespace retort::trainer {
+
+// How SaveCheckpoint writes <dir>/model.safetensors.
+enum class CheckpointLayout : uint8_t {
+  // transformers names, every parameter fp32 (QAT: the masters): the
+  // checkpoint resumes bit-for-bit.
+  kHf,
+  // DeepSeek's released names and formats (v4::ReleasedTensors: FP8 dense
+  // matrices with 128x128 E8M0 scales, MXFP4 routed experts, BF16/F32 rest),
+  // for serving and rollout. Lossy, so FromCheckpoint refuses to resume from
+  // it: the optimizer state belongs to fp32 masters the file no longer holds,
+  // and continuing from quantized weights would silently change the run.
+  // (FromModelDir may start a new run from it.)
+  kReleased,
+};
+// "hf" / "released" (the trainer state's "model_layout" metadata).
+std::string_view CheckpointLayoutName(CheckpointLayout layout);
+std::optional<CheckpointLayout> CheckpointLayoutFromName(std::string_view name);
 
 struct TrainerOptions {
   optim::OptimizerConfig optimizer;  // groups, Muon/AdamW, schedule, clipping
@@ -60,6 +82,8 @@ struct TrainerOptions {
   // on (the first Δt batches before step 0, so they route with θ_0), and
   // Step() replays the routes Prefetch computed. Default: 0
   int anticipatory_routing_delay = 0;
+  // Layout of the checkpoint's model part (see CheckpointLayout). Default: kHf
+  CheckpointLayout checkpoint_layout = CheckpointLayout::kHf;
 };
 
 // MXFP4 round trip of a row-major [rows, cols] matrix in place: each run of 32
@@ -86,7 +110,8 @@ class Trainer {
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<Trainer>> FromModelDir(
       const std::string& dir, TrainerOptions options);
   // Resumes from a checkpoint SaveCheckpoint wrote. A missing, truncated or
-  // corrupt file is NotFound / DataLoss / InvalidArgument naming the file;
+  // corrupt file is NotFound / DataLoss / InvalidArgument naming the file; a
+  // released-layout checkpoint is FailedPrecondition (see CheckpointLayout);
   // optimizer state that does not fit the model's parameters is an error.
   // `options` must describe the same run (groups and hyper-parameters are
   // not stored); the step, RNG and data position come from the checkpoint.

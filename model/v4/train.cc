@@ -1,6 +1,8 @@
 // NextTokenLossAndGradients: a training forward that keeps each layer's
 // activations, then the backward of every V4 component (see train.h).
-// Notation follows model.cc; "d" prefixes a gradient.
+// Notation follows model.cc; "d" prefixes a gradient. The per-component
+// functions are declared in internal/train_ops.h (for the finite-difference
+// tests); SequenceLossAndGrads chains them for one sequence.
 #include "model/v4/train.h"
 
 #include <cblas.h>
@@ -13,12 +15,12 @@
 #include "model/base/logging.h"
 #include "model/base/status_macros.h"
 #include "model/kernels/cpu/cpu_kernels.h"
+#include "model/v4/internal/train_ops.h"
 
 namespace retort::v4 {
-namespace {
+namespace internal {
 
 using io::AttentionKind;
-using Vec = std::vector<float>;
 
 // y[T,out] = x[T,in] W^T.
 void Fwd(const Linear& l, const float* x, int64_t T, float* y) { l.Apply(x, T, y); }
@@ -57,32 +59,9 @@ void NormBack(const float* x, int64_t T, int64_t D, const float* w, const float*
   }
 }
 
-class RopeTable {
- public:
-  RopeTable(const std::vector<float>& inv_freq) : f_(inv_freq) {}
-  // Rotates the trailing 2*|f| dims of `rows` vectors of width `dim` at `pos` (sign -1: inverse).
-  void Apply(float* x, int64_t rows, int64_t dim, int64_t pos, float sign) const {
-    float cs[512], sn[512];
-    for (size_t i = 0; i < f_.size(); ++i) {
-      const float a = f_[i] * static_cast<float>(pos);
-      cs[i] = std::cos(a);
-      sn[i] = std::sin(a);
-    }
-    cpu::ApplyRope(x, rows, dim, 2 * static_cast<int64_t>(f_.size()), cs, sn, sign);
-  }
-
- private:
-  const std::vector<float>& f_;
-};
 
 // ---- mHC -------------------------------------------------------------------
 
-struct HcSaved {
-  Vec raw, inv, pre, post, comb;  // [T,mix], [T], [T,hc], [T,hc], [T,hc*hc]
-  Vec zp, zq;                      // pre/post logits [T,hc]
-  Vec sk;                          // Sinkhorn: per token the softmax E then each normalisation input
-  int steps = 0;                   // normalisations per token
-};
 
 // Sinkhorn with every intermediate saved: out = (softmax rows + eps), then
 // col, (row, col) x (iters-1). `saved` receives E and the input of each step.
@@ -143,18 +122,6 @@ void SinkhornBack(const float* saved, int hc, int iters, float eps, const float*
   }
 }
 
-struct Ctx {
-  const Model& m;
-  const io::V4Config& c;
-  std::map<std::string, Vec>& g;
-  float balance_weight = 0.0f;  // Note [Sequence balance loss]; 0: off
-  double balance_loss = 0.0;    // summed over sequences and layers
-  Vec& G(const std::string& name, int64_t n) {
-    auto& v = g[name];
-    if (v.empty()) v.assign(n, 0.0f);
-    return v;
-  }
-};
 
 // Forward of one mHC instance over [T, hc, d]: u = sum pre_j X_j.
 void HcFwd(const Ctx& cx, const HyperConnection& h, const Vec& X, int64_t T, Vec& u, HcSaved& s) {
@@ -288,14 +255,6 @@ void HcBack(Ctx& cx, const std::string& prefix, const HyperConnection& h, const 
 
 // ---- attention ---------------------------------------------------------------
 
-struct CompSaved {
-  Vec kv, score;       // [T, w] raw rows (score includes ape)
-  Vec sm;              // per entry, per channel, per candidate row: softmax weight [n, c, cand]
-  Vec raw, normed, r;  // [n, c], [n, c], [n]
-  Vec C;               // [n, c] after RoPE
-  int64_t n = 0;
-  int cand = 0;
-};
 
 void CompFwd(const Ctx& cx, const Compressor& k, const Vec& x, int64_t T, const RopeTable& rope, CompSaved& s) {
   const int m = k.ratio;
@@ -380,21 +339,53 @@ void CompBack(Ctx& cx, const std::string& prefix, const Compressor& k, const Vec
        cx.G(prefix + "gate_proj.weight", w * d).data());
 }
 
-struct AttnSaved {
-  Vec qa, qa_r, qr, q, q_r, qrot, kvr, kv_r, k;
-  CompSaved comp;
-  std::vector<std::vector<int32_t>> keys;  // per query: key ids (>= 0 window position, < 0: -1-entry)
-  Vec p;                                   // concatenated probabilities per (t, h, key)
-  std::vector<int64_t> p_off;              // offset of query t's block in p (H * |keys[t]|)
-  Vec psink;                               // [T, H]
-  Vec o, orot, mid;
-};
+
+void OutProjFwd(const Ctx& cx, const Attention& a, const Vec& orot, int64_t T, Vec& mid, Vec& out) {
+  const auto& c = cx.c;
+  const int64_t d = c.hidden_size, HD = c.num_heads * c.head_dim;
+  const int G = c.o_groups;
+  const int64_t pg = HD / G, dg = c.o_lora_rank;
+  mid.assign(T * G * dg, 0.0f);
+  Vec grp(T * pg), part(T * dg);
+  for (int g = 0; g < G; ++g) {
+    for (int64_t t = 0; t < T; ++t)
+      std::copy(orot.data() + t * HD + g * pg, orot.data() + t * HD + (g + 1) * pg, grp.data() + t * pg);
+    cpu::MatMul(grp.data(), T, pg, a.wo_a.weight.data<float>() + g * dg * pg, dg, part.data());
+    for (int64_t t = 0; t < T; ++t) std::copy(part.data() + t * dg, part.data() + (t + 1) * dg, mid.data() + t * G * dg + g * dg);
+  }
+  out.resize(T * d);
+  Fwd(a.wo_b, mid.data(), T, out.data());
+}
+
+void OutProjBack(Ctx& cx, const std::string& prefix, const Attention& a, const Vec& orot, const Vec& mid, int64_t T,
+                 const Vec& dout, Vec& dorot) {
+  const auto& c = cx.c;
+  const int64_t d = c.hidden_size, HD = c.num_heads * c.head_dim;
+  const int G = c.o_groups;
+  const int64_t pg = HD / G, dg = c.o_lora_rank;
+  Vec dmid(T * G * dg, 0.0f);
+  Back(a.wo_b.weight.data<float>(), d, G * dg, mid.data(), dout.data(), T, dmid.data(),
+       cx.G(prefix + "o_b_proj.weight", d * G * dg).data());
+  Vec grp(T * pg), dgrp(T * pg), dpart(T * dg);
+  Vec& dwoa = cx.G(prefix + "o_a_proj.weight", G * dg * pg);
+  for (int g = 0; g < G; ++g) {
+    for (int64_t t = 0; t < T; ++t) {
+      std::copy(orot.data() + t * HD + g * pg, orot.data() + t * HD + (g + 1) * pg, grp.data() + t * pg);
+      std::copy(dmid.data() + t * G * dg + g * dg, dmid.data() + t * G * dg + (g + 1) * dg, dpart.data() + t * dg);
+    }
+    std::fill(dgrp.begin(), dgrp.end(), 0.0f);
+    Back(a.wo_a.weight.data<float>() + g * dg * pg, dg, pg, grp.data(), dpart.data(), T, dgrp.data(),
+         dwoa.data() + g * dg * pg);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < pg; ++i) dorot[t * HD + g * pg + i] += dgrp[t * pg + i];
+  }
+}
 
 void AttnFwd(const Ctx& cx, int l, const Vec& x, int64_t T, const std::vector<std::vector<int32_t>>* selected,
              AttnSaved& s, Vec& out) {
   const Attention& a = cx.m.weights().layers[l].attn;
   const auto& c = cx.c;
-  const int64_t d = c.hidden_size, D = c.head_dim, H = c.num_heads, dc = c.q_lora_rank, win = c.sliding_window;
+  const int64_t D = c.head_dim, H = c.num_heads, dc = c.q_lora_rank, win = c.sliding_window;
   const float eps = static_cast<float>(c.rms_norm_eps);
   const RopeTable rope(cx.m.inv_freq(a.kind == AttentionKind::kSliding ? 0 : 1));
   s.qa.resize(T * dc);
@@ -464,18 +455,7 @@ void AttnFwd(const Ctx& cx, int l, const Vec& x, int64_t T, const std::vector<st
   }
   s.orot = s.o;
   for (int64_t t = 0; t < T; ++t) rope.Apply(s.orot.data() + t * H * D, H, D, t, -1.0f);
-  const int G = c.o_groups;
-  const int64_t pg = H * D / G, dg = c.o_lora_rank;
-  s.mid.assign(T * G * dg, 0.0f);
-  Vec grp(T * pg), part(T * dg);
-  for (int g = 0; g < G; ++g) {
-    for (int64_t t = 0; t < T; ++t)
-      std::copy(s.orot.data() + t * H * D + g * pg, s.orot.data() + t * H * D + (g + 1) * pg, grp.data() + t * pg);
-    cpu::MatMul(grp.data(), T, pg, a.wo_a.weight.data<float>() + g * dg * pg, dg, part.data());
-    for (int64_t t = 0; t < T; ++t) std::copy(part.data() + t * dg, part.data() + (t + 1) * dg, s.mid.data() + t * G * dg + g * dg);
-  }
-  out.resize(T * d);
-  Fwd(a.wo_b, s.mid.data(), T, out.data());
+  OutProjFwd(cx, a, s.orot, T, s.mid, out);
 }
 
 void AttnBack(Ctx& cx, int l, const Vec& x, int64_t T, const AttnSaved& s, const Vec& dout, Vec& dx) {
@@ -484,23 +464,8 @@ void AttnBack(Ctx& cx, int l, const Vec& x, int64_t T, const AttnSaved& s, const
   const int64_t d = c.hidden_size, D = c.head_dim, H = c.num_heads, dc = c.q_lora_rank;
   const std::string P = absl::StrCat("model.layers.", l, ".self_attn.");
   const RopeTable rope(cx.m.inv_freq(a.kind == AttentionKind::kSliding ? 0 : 1));
-  const int G = c.o_groups;
-  const int64_t pg = H * D / G, dg = c.o_lora_rank;
-  Vec dmid(T * G * dg, 0.0f);
-  Back(a.wo_b.weight.data<float>(), d, G * dg, s.mid.data(), dout.data(), T, dmid.data(),
-       cx.G(P + "o_b_proj.weight", d * G * dg).data());
-  Vec dorot(T * H * D, 0.0f), grp(T * pg), dgrp(T * pg), dpart(T * dg);
-  Vec& dwoa = cx.G(P + "o_a_proj.weight", G * dg * pg);
-  for (int g = 0; g < G; ++g) {
-    for (int64_t t = 0; t < T; ++t) {
-      std::copy(s.orot.data() + t * H * D + g * pg, s.orot.data() + t * H * D + (g + 1) * pg, grp.data() + t * pg);
-      std::copy(dmid.data() + t * G * dg + g * dg, dmid.data() + t * G * dg + (g + 1) * dg, dpart.data() + t * dg);
-    }
-    std::fill(dgrp.begin(), dgrp.end(), 0.0f);
-    Back(a.wo_a.weight.data<float>() + g * dg * pg, dg, pg, grp.data(), dpart.data(), T, dgrp.data(),
-         dwoa.data() + g * dg * pg);
-    for (int64_t t = 0; t < T; ++t) std::copy(dgrp.data() + t * pg, dgrp.data() + (t + 1) * pg, dorot.data() + t * H * D + g * pg);
-  }
+  Vec dorot(T * H * D, 0.0f);
+  OutProjBack(cx, P, a, s.orot, s.mid, T, dout, dorot);
   Vec dO = dorot;  // o' = R(-t) o  =>  do = R(t) do'
   for (int64_t t = 0; t < T; ++t) rope.Apply(dO.data() + t * H * D, H, D, t, 1.0f);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -558,21 +523,7 @@ void AttnBack(Ctx& cx, int l, const Vec& x, int64_t T, const AttnSaved& s, const
 
 // ---- MoE ---------------------------------------------------------------------
 
-struct ExpertSaved {
-  Vec g, u, act, y;  // [I], [I], [I], [d]
-};
 
-struct MoeSaved {
-  Vec logits, scores;             // [T, E]
-  std::vector<int64_t> idx;       // [T, K]
-  Vec w;                          // [T, K]
-  std::vector<ExpertSaved> slot;  // [T*K]
-  std::vector<ExpertSaved> shared;
-  // Sequence-wise balance loss (learned-routing layers, weight > 0):
-  // bal_g[e] = d(balance loss)/d(normalised score of e) at every position.
-  Vec bal_g;
-  double balance_loss = 0.0;
-};
 
 void ExpertFwd(const Ctx& cx, const Expert& ex, const float* x, ExpertSaved& s) {
   const int64_t I = cx.c.moe_intermediate, d = cx.c.hidden_size;
@@ -740,6 +691,59 @@ void MoeBack(Ctx& cx, int l, const Vec& x, int64_t T, const MoeSaved& s, const V
   }
 }
 
+void HcHeadFwd(const Ctx& cx, const HyperConnection& hh, const Vec& X, int64_t T, Vec& y, HcHeadSaved& s) {
+  const int hc = cx.c.hc_mult;
+  const int64_t d = cx.c.hidden_size, Wd = hc * d;
+  const float eps = static_cast<float>(cx.c.rms_norm_eps);
+  s.raw.resize(T * hc);
+  s.inv.resize(T);
+  s.wgt.resize(T * hc);
+  s.z.resize(T * hc);
+  y.assign(T * d, 0.0f);
+  cpu::MatMul(X.data(), T, Wd, hh.fn.data<float>(), hc, s.raw.data());
+  for (int64_t t = 0; t < T; ++t) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < Wd; ++i) ss += X[t * Wd + i] * X[t * Wd + i];
+    s.inv[t] = 1.0f / std::sqrt(ss / Wd + eps);
+    for (int j = 0; j < hc; ++j) {
+      s.z[t * hc + j] = s.raw[t * hc + j] * s.inv[t] * hh.scale.data<float>()[0] + hh.base.data<float>()[j];
+      s.wgt[t * hc + j] = cpu::Sigmoid(s.z[t * hc + j]) + static_cast<float>(cx.c.hc_eps);
+      for (int64_t i = 0; i < d; ++i) y[t * d + i] += s.wgt[t * hc + j] * X[t * Wd + j * d + i];
+    }
+  }
+}
+
+void HcHeadBack(Ctx& cx, const HyperConnection& hh, const Vec& X, int64_t T, const HcHeadSaved& s, const Vec& dy,
+                Vec& dX) {
+  const int hc = cx.c.hc_mult;
+  const int64_t d = cx.c.hidden_size, Wd = hc * d;
+  Vec dmi(T * hc);
+  Vec& dbase = cx.G("model.hc_head.hc_base", hc);
+  Vec& dscale = cx.G("model.hc_head.hc_scale", 1);
+  for (int64_t t = 0; t < T; ++t) {
+    float rdot = 0.0f;
+    for (int j = 0; j < hc; ++j) {
+      float dw = 0.0f;
+      for (int64_t i = 0; i < d; ++i) {
+        dw += dy[t * d + i] * X[t * Wd + j * d + i];
+        dX[t * Wd + j * d + i] += s.wgt[t * hc + j] * dy[t * d + i];
+      }
+      const float sg = cpu::Sigmoid(s.z[t * hc + j]);
+      const float dzj = dw * sg * (1 - sg);
+      dbase[j] += dzj;
+      dscale[0] += dzj * s.raw[t * hc + j] * s.inv[t];
+      const float dm = dzj * hh.scale.data<float>()[0];
+      dmi[t * hc + j] = dm * s.inv[t];
+      rdot += dm * s.raw[t * hc + j];
+    }
+    const float cc = rdot * s.inv[t] * s.inv[t] * s.inv[t] / Wd;
+    for (int64_t i = 0; i < Wd; ++i) dX[t * Wd + i] -= cc * X[t * Wd + i];
+  }
+  Back(hh.fn.data<float>(), hc, Wd, X.data(), dmi.data(), T, dX.data(), cx.G("model.hc_head.hc_fn", hc * Wd).data());
+}
+
+namespace {
+
 struct LayerSaved {
   Vec X0, X1;  // streams entering the attention and the FFN sublayer
   HcSaved hc_attn, hc_ffn;
@@ -752,11 +756,11 @@ struct LayerSaved {
 // One sequence: forward with saved activations, then backward of
 // sum_t weights[t] * -log p(targets[t] | tokens[..t]) over positions whose
 // target is >= 0. Writes log p(target) (0 where masked) to `logprobs`.
-// `replay`: [L, B, T, K] recorded routes or null; `b` and `B` locate this
-// sequence in it. Adds this sequence's routed assignments to `load` [L][E].
+// `replay`: [L, n, K] recorded routes (n = B*T positions) or null; this
+// sequence starts at position `offset` of it. Adds this sequence's routed assignments to `load` [L][E].
 absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int64_t T, const int64_t* targets,
-                                            const float* weights, float* logprobs, const int32_t* replay, int64_t b,
-                                            int64_t B, std::vector<std::vector<int64_t>>& load) {
+                                            const float* weights, float* logprobs, const int32_t* replay,
+                                            int64_t offset, int64_t n, std::vector<std::vector<int64_t>>& load) {
   const auto& c = cx.c;
   const Weights& W = cx.m.weights();
   const int hc = c.hc_mult;
@@ -791,26 +795,15 @@ absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int6
     s.r_ffn.resize(T);
     NormFwd(s.u_ffn.data(), T, d, L.ffn_norm.data<float>(), eps, s.xn_ffn.data(), s.r_ffn.data());
     const int K = c.experts_per_token;
-    MoeFwd(cx, l, s.xn_ffn, tokens, T, replay ? replay + ((l * B + b) * T) * K : nullptr, s.moe, s.f_ffn);
+    MoeFwd(cx, l, s.xn_ffn, tokens, T, replay ? replay + (l * n + offset) * K : nullptr, s.moe, s.f_ffn);
     for (int64_t e : s.moe.idx) ++load[l][e];
     cx.balance_loss += s.moe.balance_loss;
     HcMix(cx, s.X1, s.f_ffn, s.hc_ffn, T, X);
   }
   // hc_head, final norm, head, loss.
-  const HyperConnection& hh = W.hc_head;
-  const int64_t Wd = hc * d;
-  Vec raw(T * hc), inv(T), wgt(T * hc), z(T * hc), y(T * d, 0.0f);
-  cpu::MatMul(X.data(), T, Wd, hh.fn.data<float>(), hc, raw.data());
-  for (int64_t t = 0; t < T; ++t) {
-    float ss = 0.0f;
-    for (int64_t i = 0; i < Wd; ++i) ss += X[t * Wd + i] * X[t * Wd + i];
-    inv[t] = 1.0f / std::sqrt(ss / Wd + eps);
-    for (int j = 0; j < hc; ++j) {
-      z[t * hc + j] = raw[t * hc + j] * inv[t] * hh.scale.data<float>()[0] + hh.base.data<float>()[j];
-      wgt[t * hc + j] = cpu::Sigmoid(z[t * hc + j]) + static_cast<float>(c.hc_eps);
-      for (int64_t i = 0; i < d; ++i) y[t * d + i] += wgt[t * hc + j] * X[t * Wd + j * d + i];
-    }
-  }
+  Vec y;
+  HcHeadSaved head_saved;
+  HcHeadFwd(cx, W.hc_head, X, T, y, head_saved);
   Vec yn(T * d), yr(T), logits(T * V);
   NormFwd(y.data(), T, d, W.norm.data<float>(), eps, yn.data(), yr.data());
   Fwd(W.head, yn.data(), T, logits.data());
@@ -837,31 +830,8 @@ absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int6
   Back(W.head.weight.data<float>(), V, d, yn.data(), dlogits.data(), T, dyn.data(),
        cx.G("lm_head.weight", V * d).data());
   NormBack(y.data(), T, d, W.norm.data<float>(), yr.data(), dyn.data(), dy.data(), cx.G("model.norm.weight", d).data());
-  Vec dX(T * hc * d, 0.0f), dmi(T * hc);
-  {
-    Vec& dbase = cx.G("model.hc_head.hc_base", hc);
-    Vec& dscale = cx.G("model.hc_head.hc_scale", 1);
-    for (int64_t t = 0; t < T; ++t) {
-      float rdot = 0.0f;
-      for (int j = 0; j < hc; ++j) {
-        float dw = 0.0f;
-        for (int64_t i = 0; i < d; ++i) {
-          dw += dy[t * d + i] * X[t * Wd + j * d + i];
-          dX[t * Wd + j * d + i] += wgt[t * hc + j] * dy[t * d + i];
-        }
-        const float sg = cpu::Sigmoid(z[t * hc + j]);
-        const float dzj = dw * sg * (1 - sg);
-        dbase[j] += dzj;
-        dscale[0] += dzj * raw[t * hc + j] * inv[t];
-        const float dm = dzj * hh.scale.data<float>()[0];
-        dmi[t * hc + j] = dm * inv[t];
-        rdot += dm * raw[t * hc + j];
-      }
-      const float cc = rdot * inv[t] * inv[t] * inv[t] / Wd;
-      for (int64_t i = 0; i < Wd; ++i) dX[t * Wd + i] -= cc * X[t * Wd + i];
-    }
-    Back(hh.fn.data<float>(), hc, Wd, X.data(), dmi.data(), T, dX.data(), cx.G("model.hc_head.hc_fn", hc * Wd).data());
-  }
+  Vec dX(T * hc * d, 0.0f);
+  HcHeadBack(cx, W.hc_head, X, T, head_saved, dy, dX);
   for (int l = c.num_layers - 1; l >= 0; --l) {
     const Layer& L = W.layers[l];
     LayerSaved& s = saved[l];
@@ -897,6 +867,26 @@ absl::StatusOr<double> SequenceLossAndGrads(Ctx& cx, const int64_t* tokens, int6
 }
 
 }  // namespace
+}  // namespace internal
+
+std::vector<std::pair<int64_t, int64_t>> SequencesOf(const TokenBatch& batch) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t b = 0; b < batch.B; ++b) {
+    const int64_t row = b * batch.T;
+    if (batch.documents.empty()) {
+      out.emplace_back(row, batch.T);
+      continue;
+    }
+    for (int64_t t = 0; t < batch.T;) {
+      const int32_t doc = batch.documents[row + t];
+      int64_t e = t + 1;
+      while (e < batch.T && batch.documents[row + e] == doc) ++e;
+      if (doc >= 0) out.emplace_back(row + t, e - t);
+      t = e;
+    }
+  }
+  return out;
+}
 
 absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, const TokenBatch& batch,
                                                            Gradients* grads) {
@@ -926,6 +916,16 @@ absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, c
       return absl::InvalidArgumentError(absl::StrCat("token batch: weights[", i / T, ", ", i % T,
                                                      "] is not finite"));
   }
+  if (!batch.documents.empty()) {
+    if (static_cast<int64_t>(batch.documents.size()) != n)
+      return absl::InvalidArgumentError(absl::StrCat("token batch: documents has ", batch.documents.size(),
+                                                     " entries, expected B*T = ", n));
+    for (int64_t i = 0; i < n; ++i)
+      if (batch.documents[i] < 0 && batch.targets[i] >= 0)
+        return absl::InvalidArgumentError(absl::StrCat("token batch: position [", i / T, ", ", i % T,
+                                                       "] is padding (documents < 0) but has target ",
+                                                       batch.targets[i]));
+  }
   for (const auto& l : model.weights().layers)
     for (const auto& e : l.moe.experts)
       if (e.w1.mxfp4 || e.w2.mxfp4 || e.w3.mxfp4)
@@ -933,7 +933,7 @@ absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, c
   if (c.hc_mult > 8 || c.experts_per_token > 64 || (c.CsaRatio() > 0 && 2 * c.CsaRatio() > 512))
     return absl::InvalidArgumentError("training path supports hc_mult <= 8 and experts_per_token <= 64");
   for (const auto& l : model.weights().layers)
-    if (l.attn.kind != AttentionKind::kSliding && 2 * l.attn.compressor.ratio > 512)
+    if (l.attn.kind != io::AttentionKind::kSliding && 2 * l.attn.compressor.ratio > 512)
       return absl::InvalidArgumentError("training path supports compress ratios up to 256");
   const int K = c.experts_per_token;
   const int64_t E = c.n_routed_experts;
@@ -955,19 +955,23 @@ absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, c
                                                            ", ", pos % T, "] repeats expert ", e));
       }
   }
-  std::map<std::string, Vec> local;
+  std::map<std::string, internal::Vec> local;
   if (!(batch.balance_loss_weight >= 0.0f) || !std::isfinite(batch.balance_loss_weight))
     return absl::InvalidArgumentError(absl::StrCat("token batch: balance_loss_weight must be finite and >= 0, got ",
                                                    batch.balance_loss_weight));
-  Ctx cx{model, c, grads ? grads->by_name : local, batch.balance_loss_weight};
+  internal::Ctx cx{model, c, grads ? grads->by_name : local, batch.balance_loss_weight};
   WeightedLoss out;
   out.logprobs.assign(n, 0.0f);
   out.expert_load.assign(c.num_layers, std::vector<int64_t>(E, 0));
   const int32_t* replay = batch.replay_routes.empty() ? nullptr : batch.replay_routes.data();
-  for (int64_t b = 0; b < B; ++b) {
-    ASSIGN_OR_RETURN(double l, SequenceLossAndGrads(cx, batch.tokens.data() + b * T, T, batch.targets.data() + b * T,
-                                                    batch.weights.data() + b * T, out.logprobs.data() + b * T,
-                                                    replay, b, B, out.expert_load));
+  // Note [Packed documents]: each run of equal non-negative document ids is
+  // its own sequence (positions from 0, no attention, compressor window or
+  // state across runs); negative ids are padding and are not run at all.
+  for (const auto& [begin, length] : SequencesOf(batch)) {
+    ASSIGN_OR_RETURN(double l, internal::SequenceLossAndGrads(
+                                   cx, batch.tokens.data() + begin, length, batch.targets.data() + begin,
+                                   batch.weights.data() + begin, out.logprobs.data() + begin, replay, begin, n,
+                                   out.expert_load));
     out.loss += l;
   }
   out.balance_loss = cx.balance_loss;

@@ -53,7 +53,19 @@ struct TokenBatch {
   // fraction of expert e times E/K, P: its mean normalised score). Its
   // gradient reaches the router weights. 0: off (the spec trains with 1e-4).
   float balance_loss_weight = 0.0f;
+  // Packed documents: [B, T] document id of each position, or empty (each
+  // row is one sequence). Each run of equal non-negative ids within a row is
+  // run as a sequence of its own: positions restart at 0 and nothing —
+  // attention, the compressors' windows and state, the balance loss — crosses
+  // into the next run. Negative ids mark padding: not run, no loss, no expert
+  // load (its targets must be -1). Losses, weights and logprobs stay per row.
+  absl::Span<const int32_t> documents;
 };
+
+// The sequences a batch runs as: (offset into the [B, T] arrays, length),
+// row by row, runs of equal non-negative documents ids (a whole row each when
+// `documents` is empty).
+std::vector<std::pair<int64_t, int64_t>> SequencesOf(const TokenBatch& batch);
 
 struct WeightedLoss {
   // sum over unmasked positions of weight * -log p(target); the caller's
@@ -62,7 +74,8 @@ struct WeightedLoss {
   // [B, T]: log p(target) at each unmasked position, 0 where masked.
   std::vector<float> logprobs;
   // expert_load[l][e]: tokens layer l routed to expert e in this batch (all
-  // positions, masked ones too); the input of the aux-loss-free bias update.
+  // positions, masked ones too, padding not); the input of the aux-loss-free
+  // bias update.
   std::vector<std::vector<int64_t>> expert_load;
   // The balance loss (0 when off). Not part of `loss`; its gradient is in the
   // gradients too, so the optimised objective is loss + balance_loss.
@@ -72,9 +85,11 @@ struct WeightedLoss {
 // Forward + backward of WeightedLoss::loss. Fills `grads` (when non-null) with
 // d(loss)/d(param), accumulating into entries already present. Bad batches
 // (sizes != B*T, ids outside the vocabulary, targets < -1, non-finite weights,
-// replayed routes of the wrong size, outside 0..E-1 or repeating an expert)
-// are InvalidArgument naming the field and position.
-[[nodiscard]] absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model, const TokenBatch& batch,
+// replayed routes of the wrong size, outside 0..E-1 or repeating an expert,
+// documents of the wrong size or padding with a target) are InvalidArgument
+// naming the field and position.
+[[nodiscard]] absl::StatusOr<WeightedLoss> WeightedTokenLossAndGradients(const Model& model,
+                                                                         const TokenBatch& batch,
                                                                          Gradients* grads);
 
 // Mean next-token cross-entropy over a batch of B sequences of T tokens
@@ -82,8 +97,10 @@ struct WeightedLoss {
 // B*(T-1) predictions. Fills `grads` (when non-null) with d(loss)/d(param).
 // MXFP4-packed experts have no trainable master weights here (QAT keeps fp32
 // masters): such models are rejected with Unimplemented.
-[[nodiscard]] absl::StatusOr<float> NextTokenLossAndGradients(const Model& model, absl::Span<const int64_t> tokens,
-                                                              int64_t B, int64_t T, Gradients* grads);
+[[nodiscard]] absl::StatusOr<float> NextTokenLossAndGradients(const Model& model,
+                                                              absl::Span<const int64_t> tokens,
+                                                              int64_t B, int64_t T,
+                                                              Gradients* grads);
 
 // One model tensor under its transformers name (the names gradients use and
 // the loader reads), as a fresh contiguous copy the caller owns. `trainable`
@@ -101,6 +118,21 @@ struct NamedTensor {
 // zero-copy), so writing them in place updates that model. MXFP4-packed
 // experts are decoded exactly to f32 (a dense-expert model reloads from them).
 [[nodiscard]] absl::StatusOr<std::vector<NamedTensor>> HfTensors(const Model& model);
+
+// The released layout of HF-named f32 tensors (what HfTensors names; a tied
+// head simply absent), as DeepSeek's checkpoints keep them (V4_SPEC.md §4) and
+// Model::Load reads them: names without the "model." prefix; attention,
+// indexer wq_b and shared-expert matrices FP8 e4m3 with "<name>.scale" E8M0
+// per 128x128 block (cpu::QuantizeFp8Blocks); routed experts split per expert
+// into w1/w3/w2 MXFP4 (I8 codes [out, in/2] + E8M0 scales [out, in/32],
+// cpu::QuantizeMxFp4, the QAT quantizer); embed, head, norms, compressor
+// projections, weights_proj and the router weight BF16 (round to nearest
+// even); mHC, sinks, ape and the router bias F32; tid2eid I64. Lossy: the
+// result is for serving, not for resuming training. A name without a released
+// spelling, a non-f32 parameter, or expert rows whose width is not a multiple
+// of 32 are InvalidArgument naming the tensor.
+[[nodiscard]] absl::StatusOr<std::vector<std::pair<std::string, Tensor>>> ReleasedTensors(
+    absl::Span<const std::pair<std::string, Tensor>> hf);
 
 // What `retort grad` writes: "loss" (f32 scalar, NextTokenLossAndGradients on
 // `input_ids`, i64 [B, T] with T >= 2) and "grad.<name>" (f32, the

@@ -74,8 +74,8 @@ TEST(CpuKernelsTest, MxFp4DecodesLowNibbleFirstWithItsScale) {
 }
 
 TEST(CpuKernelsTest, Fp8BlockScalesApplyPer128x128Block) {
-  const int64_t rows = 130, cols = 129;  // 2 x 2 blocks, ragged edges
-  std::vector<uint8_t> codes(rows * cols, 0x38);  // 1.0
+  const int64_t rows = 130, cols = 129;                // 2 x 2 blocks, ragged edges
+  std::vector<uint8_t> codes(rows * cols, 0x38);       // 1.0
   std::vector<uint8_t> scales = {127, 128, 129, 126};  // 1, 2, 4, 0.5
   std::vector<float> w(rows * cols);
   DequantizeFp8Blocks(codes.data(), scales.data(), rows, cols, w.data());
@@ -83,6 +83,82 @@ TEST(CpuKernelsTest, Fp8BlockScalesApplyPer128x128Block) {
   EXPECT_EQ(w[128], 2.0f);
   EXPECT_EQ(w[128 * cols], 4.0f);
   EXPECT_EQ(w[129 * cols + 128], 0.5f);
+}
+
+// The quantizers invert the decoders on their grids and pick the smallest
+// power-of-two scale that does not saturate (V4_SPEC.md §4).
+TEST(CpuKernelsTest, Fp8BlockQuantizerPicksUe8m0ScalesAndRoundsToNearest) {
+  std::mt19937_64 rng(kSeed);
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
+  const int64_t rows = 131, cols = 257;  // 2 x 3 blocks, ragged edges
+  std::vector<float> w = Random(rng, rows * cols, 0.03f);
+  w[5] = 0.0f;
+  w[130 * cols + 256] = 7.0f;  // the amax of the last block
+  const int64_t srows = 2, scols = 3;
+  std::vector<uint8_t> codes(rows * cols), scales(srows * scols);
+  QuantizeFp8Blocks(w.data(), rows, cols, codes.data(), scales.data());
+  // 7 / 448 = 2^-6 * 1.0 -> ceil(log2) = -6 exactly: scale 2^-6, 7 -> code 448.
+  EXPECT_EQ(scales[srows * scols - 1], 127 - 6);
+  std::vector<float> back(rows * cols);
+  DequantizeFp8Blocks(codes.data(), scales.data(), rows, cols, back.data());
+  EXPECT_EQ(back[130 * cols + 256], 7.0f);
+  EXPECT_EQ(back[5], 0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const float scale = E8M0ToF32(scales[(r / 128) * scols + c / 128]);
+      const float x = w[r * cols + c] / scale;
+      ASSERT_LE(std::fabs(x), 448.0f) << r << "," << c;
+      // Nearest e4m3 (RNE): within half a step of 2^(floor(log2|x|) - 3) (subnormal step 2^-9).
+      const float step =
+          std::fabs(x) < 0.015625f ? 0.001953125f : std::ldexp(1.0f, std::ilogb(x) - 3);
+      ASSERT_LE(std::fabs(back[r * cols + c] / scale - x), step / 2) << r << "," << c;
+    }
+  for (int64_t b = 0; b < srows * scols; ++b) {  // no smaller scale would avoid saturation
+    float amax = 0;
+    for (int64_t r = (b / scols) * 128; r < std::min(rows, (b / scols + 1) * 128); ++r)
+      for (int64_t c = (b % scols) * 128; c < std::min(cols, (b % scols + 1) * 128); ++c)
+        amax = std::max(amax, std::fabs(w[r * cols + c]));
+    EXPECT_GT(amax, 448.0f * E8M0ToF32(scales[b]) / 2) << "block " << b;
+  }
+  // On its own grid the quantizer is exact.
+  std::vector<uint8_t> codes2(rows * cols), scales2(srows * scols);
+  QuantizeFp8Blocks(back.data(), rows, cols, codes2.data(), scales2.data());
+  std::vector<float> again(rows * cols);
+  DequantizeFp8Blocks(codes2.data(), scales2.data(), rows, cols, again.data());
+  EXPECT_EQ(again, back);
+}
+
+TEST(CpuKernelsTest, MxFp4QuantizerPacksLowNibbleFirstAndInvertsTheDecoder) {
+  std::vector<float> w(64, 0.0f);
+  w[0] = 1.0f;  // block 0: amax 12 -> scale 2 (12/6 = 2^1), codes 0.5, 1, 6, -6
+  w[1] = 2.0f;
+  w[30] = 12.0f;
+  w[31] = -12.0f;
+  w[32] = 0.3f;  // block 1: amax 0.3 -> scale 2^-4 (ceil(log2(0.05))): 4.8 -> 4, 1.25 -> 1
+  w[33] = 0.078125f;
+  std::vector<uint8_t> codes(32), scales(2);
+  QuantizeMxFp4(w.data(), 1, 64, codes.data(), scales.data());
+  EXPECT_EQ(scales[0], 128);
+  EXPECT_EQ(codes[0], 0x21);
+  EXPECT_EQ(codes[15], 0xF7);
+  EXPECT_EQ(scales[1], 127 - 4);
+  EXPECT_EQ(codes[16],
+            0x26);  // element 32: code 6 (4.0); 33: 1.25, a tie of 1 and 1.5 -> even code 2
+  std::vector<float> back(64);
+  DequantizeMxFp4(codes.data(), scales.data(), 1, 64, back.data());
+  EXPECT_EQ(back[32], 0.25f);
+  EXPECT_EQ(back[33], 0.0625f);
+  std::mt19937_64 rng(kSeed);
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
+  const int64_t out = 7, in = 96;
+  std::vector<float> r = Random(rng, out * in);
+  std::vector<uint8_t> rc(out * in / 2), rs(out * in / 32);
+  QuantizeMxFp4(r.data(), out, in, rc.data(), rs.data());
+  std::vector<float> decoded(out * in), redecoded(out * in);
+  DequantizeMxFp4(rc.data(), rs.data(), out, in, decoded.data());
+  QuantizeMxFp4(decoded.data(), out, in, rc.data(), rs.data());
+  DequantizeMxFp4(rc.data(), rs.data(), out, in, redecoded.data());
+  EXPECT_EQ(redecoded, decoded);
 }
 
 TEST(CpuKernelsTest, SinkhornIsDoublyStochastic) {

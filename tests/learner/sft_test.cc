@@ -1,6 +1,6 @@
 // SFT: config validation, the JSONL reader (id and chat records), packing with
 // prompt masks, overfitting a tiny V4 model (fixture b: HCA, CSA + indexer,
-// hash and learned routing, shared expert, mHC) from configs/sft_tiny.json,
+// hash and learned routing, shared expert, mHC) from configs/sft_tiny.textproto,
 // and a resumed run that matches an uninterrupted one.
 #include "learner/sft/sft.h"
 
@@ -40,7 +40,7 @@ std::vector<json> Metrics(const std::string& dir) {
 }
 
 TEST(SftTest, OverfitsTinyModelFromTheExampleConfig) {
-  auto o = LoadSftConfig("configs/sft_tiny.json");
+  auto o = LoadSftConfig("configs/sft_tiny.textproto");
   ASSERT_TRUE(o.ok()) << o.status();
   o->output_dir = Temp("overfit");
   int reports = 0;
@@ -93,7 +93,7 @@ TEST(SftTest, OverfitsTinyModelFromTheExampleConfig) {
 }
 
 TEST(SftTest, ResumedRunMatchesUninterruptedRun) {
-  auto base = LoadSftConfig("configs/sft_tiny.json");
+  auto base = LoadSftConfig("configs/sft_tiny.textproto");
   ASSERT_TRUE(base.ok()) << base.status();
   base->trainer.optimizer.schedule.kind =
       optim::ScheduleKind::kConstant;  // lr independent of 'steps'
@@ -151,50 +151,102 @@ TEST(SftTest, ResumedRunMatchesUninterruptedRun) {
 }
 
 TEST(SftTest, ConfigErrorsNameTheField) {
-  const std::string ok = R"({"model": "m", "data": "d", "output_dir": "o"})";
-  ASSERT_TRUE(ParseSftConfig(ok, "c.json").ok());
+  const std::string ok = "model: \"m\" data: \"d\" output_dir: \"o\"\n";
+  ASSERT_TRUE(ParseSftConfig(ok, "c.textproto").ok());
   auto message = [](const std::string& text) {
-    return std::string(ParseSftConfig(text, "c.json").status().message());
+    auto r = ParseSftConfig(text, "c.textproto");
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << text;
+    return std::string(r.status().message());
   };
-  EXPECT_NE(message("{").find("not valid JSON"), std::string::npos);
-  EXPECT_NE(message(R"({"model": "m", "output_dir": "o"})").find("'data'"), std::string::npos);
-  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "batchsize": 2})")
-                .find("'batchsize'"),
-            std::string::npos);
-  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "seq_len": "64"})")
-                .find("'seq_len'"),
-            std::string::npos);
-  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "batch_size": 0})")
-                .find("'batch_size'"),
-            std::string::npos);
-  EXPECT_NE(
-      message(
-          R"({"model": "m", "data": "d", "output_dir": "o", "optimizer": {"schedule": "step"}})")
-          .find("schedule 'step'"),
-      std::string::npos);
-  EXPECT_NE(
-      message(
-          R"({"model": "m", "data": "d", "output_dir": "o", "optimizer": {"lr": 1, "betas": 1}})")
-          .find("'betas'"),
-      std::string::npos);
-  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "qat_experts": 1})")
-                .find("'qat_experts'"),
-            std::string::npos);
-  EXPECT_NE(message(R"({"model": "m", "data": "d", "output_dir": "o", "bias_update_speed": -1})")
-                .find("'bias_update_speed'"),
-            std::string::npos);
+  auto contains = [](const std::string& haystack, const std::string& needle) {
+    return ::testing::AssertionResult(haystack.find(needle) != std::string::npos)
+           << "'" << needle << "' not in: " << haystack;
+  };
+  // Malformed text: file, 1-based line and column of the offending token.
+  EXPECT_TRUE(contains(message(ok + "steps: 60\noptimizer {\n  lr: 0.1\n"), "c.textproto:5:1:"));
+  EXPECT_TRUE(contains(message(ok + "steps 60\n"), "c.textproto:2:7:"));
+  EXPECT_TRUE(contains(message(ok + "steps: \"sixty\"\n"), "c.textproto:2:8:"));
+  EXPECT_TRUE(contains(message(ok + "seq_len: 4.5\n"), "c.textproto:2:10:"));
+  EXPECT_TRUE(contains(message(ok + "qat_experts: 7\n"), "c.textproto:2:"));
+  EXPECT_TRUE(contains(message(ok + "steps: 1\nsteps: 2\n"), "c.textproto:3:"));
+  // Unknown fields and enum names are errors naming the field and position.
+  EXPECT_TRUE(contains(message(ok + "batchsize: 2\n"), "c.textproto:2:"));
+  EXPECT_TRUE(contains(message(ok + "batchsize: 2\n"), "batchsize"));
+  EXPECT_TRUE(contains(message(ok + "optimizer { betas: 1 }\n"), "betas"));
+  EXPECT_TRUE(contains(message(ok + "optimizer { schedule: STEP }\n"), "c.textproto:2:"));
+  EXPECT_TRUE(contains(message(ok + "optimizer { schedule: STEP }\n"), "STEP"));
+  // Bad values name the field.
+  EXPECT_TRUE(contains(message("data: \"d\" output_dir: \"o\"\n"), "'model'"));
+  EXPECT_TRUE(contains(message("model: \"m\" data: \"\" output_dir: \"o\"\n"), "'data'"));
+  EXPECT_TRUE(contains(message(ok + "batch_size: 0\n"), "'batch_size' must be positive, got 0"));
+  EXPECT_TRUE(contains(message(ok + "steps: -3\n"), "'steps' must be positive, got -3"));
+  EXPECT_TRUE(contains(message(ok + "seq_len: 1\n"), "'seq_len'"));
+  EXPECT_TRUE(contains(message(ok + "checkpoint_every: -1\n"), "'checkpoint_every'"));
+  EXPECT_TRUE(
+      contains(message(ok + "anticipatory_routing_delay: 1001\n"), "'anticipatory_routing_delay'"));
+  EXPECT_TRUE(contains(message(ok + "bias_update_speed: -1\n"), "'bias_update_speed'"));
+  EXPECT_TRUE(contains(message(ok + "balance_loss_weight: nan\n"), "'balance_loss_weight'"));
+  EXPECT_TRUE(
+      contains(message(ok + "optimizer { lr: 0 }\n"), "'optimizer.lr' must be finite and > 0"));
+  EXPECT_TRUE(contains(message(ok + "optimizer { lr: -0.1 }\n"), "'optimizer.lr'"));
+  EXPECT_TRUE(contains(message(ok + "optimizer { final_lr: -1 }\n"), "'optimizer.final_lr'"));
+  EXPECT_TRUE(
+      contains(message(ok + "optimizer { warmup_steps: -1 }\n"), "'optimizer.warmup_steps'"));
+  EXPECT_TRUE(
+      contains(message(ok + "optimizer { weight_decay: -0.5 }\n"), "'optimizer.weight_decay'"));
+  EXPECT_TRUE(contains(message(ok + "optimizer { adam_beta2: 1 }\n"), "'optimizer.adam_beta2'"));
+  EXPECT_TRUE(
+      contains(message(ok + "optimizer { muon_momentum: -0.1 }\n"), "'optimizer.muon_momentum'"));
+  // A number the enum does not name parses (proto3 enums are open) and is refused here.
+  EXPECT_TRUE(contains(message(ok + "optimizer { schedule: 7 }\n"), "'optimizer.schedule' is 7"));
+  EXPECT_TRUE(contains(
+      message(ok + "steps: 5\noptimizer { schedule: LR_SCHEDULE_COSINE warmup_steps: 5 }\n"),
+      "warmup_steps"));
+  EXPECT_TRUE(contains(message(ok + "checkpoint_layout: 9\n"), "'checkpoint_layout' is 9"));
+  // TextFormat places an unknown enum name at the token after it (here the next line).
+  EXPECT_TRUE(contains(message(ok + "checkpoint_layout: FP8\n"),
+                       "c.textproto:3:1: Unknown enumeration value of \"FP8\" for field "
+                       "\"checkpoint_layout\""));
+  auto released = ParseSftConfig(ok + "checkpoint_layout: CHECKPOINT_LAYOUT_RELEASED\n", "c");
+  ASSERT_TRUE(released.ok()) << released.status();
+  EXPECT_EQ(released->trainer.checkpoint_layout, trainer::CheckpointLayout::kReleased);
+  // Defaults where a field is not written; explicit values where it is.
+  auto defaults = ParseSftConfig(ok, "c.textproto");
+  ASSERT_TRUE(defaults.ok()) << defaults.status();
+  const SftOptions want;
+  EXPECT_EQ(defaults->batch_size, want.batch_size);
+  EXPECT_EQ(defaults->seq_len, want.seq_len);
+  EXPECT_EQ(defaults->steps, want.steps);
+  EXPECT_TRUE(defaults->tensorboard);
+  EXPECT_EQ(defaults->trainer.bias_update_speed, 0.001f);
+  EXPECT_EQ(defaults->trainer.optimizer.schedule.kind, optim::ScheduleKind::kConstant);
+  EXPECT_EQ(defaults->trainer.optimizer.schedule.peak_lr, 2.7e-4);
+  EXPECT_EQ(defaults->trainer.optimizer.muon.weight_decay, 0.1f);
+  EXPECT_EQ(defaults->trainer.optimizer.max_grad_norm, 1.0);
+  EXPECT_EQ(defaults->trainer.checkpoint_layout, trainer::CheckpointLayout::kHf);
   auto parsed =
-      ParseSftConfig(R"({"model": "m", "data": "d", "output_dir": "o", "qat_experts": true,
-                                   "bias_update_speed": 0.5, "optimizer": {"lr": 0.01, "warmup_steps": 3}})",
-                     "c.json");
+      ParseSftConfig(ok + "# a comment\n"
+                          "qat_experts: true bias_update_speed: 0.5 seed: 9\n"
+                          "optimizer { lr: 0.01 warmup_steps: 3 schedule: LR_SCHEDULE_LINEAR\n"
+                          "  adam_beta1: 0.8 weight_decay: 0 }\n",
+                     "c.textproto");
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   EXPECT_TRUE(parsed->trainer.qat_experts);
   EXPECT_EQ(parsed->trainer.bias_update_speed, 0.5f);
+  EXPECT_EQ(parsed->trainer.seed, 9u);
+  EXPECT_EQ(parsed->trainer.optimizer.schedule.kind, optim::ScheduleKind::kLinear);
   EXPECT_EQ(parsed->trainer.optimizer.schedule.peak_lr, 0.01);
   EXPECT_EQ(parsed->trainer.optimizer.schedule.final_lr, 0.001);
   EXPECT_EQ(parsed->trainer.optimizer.schedule.warmup_steps, 3);
   EXPECT_EQ(parsed->trainer.optimizer.schedule.total_steps, 100);
-  EXPECT_EQ(LoadSftConfig("/nonexistent/sft.json").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(parsed->trainer.optimizer.adamw.beta1, 0.8f);
+  EXPECT_EQ(parsed->trainer.optimizer.adamw.weight_decay, 0.0f);
+  EXPECT_EQ(parsed->trainer.optimizer.muon.weight_decay, 0.0f);
+  EXPECT_EQ(LoadSftConfig("/nonexistent/sft.textproto").status().code(),
+            absl::StatusCode::kNotFound);
+  // The file name reaches the message through LoadSftConfig too.
+  const std::string bad_file = WriteFile("bad.textproto", ok + "steps: [1]\n");
+  EXPECT_TRUE(contains(std::string(LoadSftConfig(bad_file).status().message()), bad_file + ":2:"));
 }
 
 TEST(SftTest, DataErrorsNameFileAndLine) {
@@ -229,6 +281,9 @@ TEST(SftTest, PackingMasksPromptsAndKeepsExamplesApart) {
   EXPECT_EQ(rows->targets[0], (std::vector<int64_t>{-1, 3, 4, -1, 6, 7, -1, -1}));
   EXPECT_EQ(rows->tokens[1], (std::vector<int64_t>{8, 9, 10, 11, 0, 0, 0, 0}));
   EXPECT_EQ(rows->targets[1], (std::vector<int64_t>{-1, -1, 11, -1, -1, -1, -1, -1}));
+  // Each example is its own document (the model runs it as its own sequence); -1 is padding.
+  EXPECT_EQ(rows->documents[0], (std::vector<int32_t>{0, 0, 0, 0, 1, 1, 1, -1}));
+  EXPECT_EQ(rows->documents[1], (std::vector<int32_t>{0, 0, 0, 0, -1, -1, -1, -1}));
   const SftBatch b =
       MakeBatch(*rows, 3, 0, 5);  // 3 rows of an epoch of 2: wraps into the next epoch
   EXPECT_EQ(b.B, 3);
@@ -242,6 +297,8 @@ TEST(SftTest, PackingMasksPromptsAndKeepsExamplesApart) {
     }
   }
   EXPECT_GE(scored, 5);
+  EXPECT_EQ(b.documents.size(), b.tokens.size());
+  EXPECT_EQ(b.view().documents.size(), b.tokens.size());
   EXPECT_NEAR(sum, 1.0f, 1e-6f);
 }
 

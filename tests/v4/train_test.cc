@@ -113,7 +113,7 @@ struct WeightedCase {
   std::vector<int64_t> tokens, targets;
   std::vector<float> weights;
   int64_t B = 2, T = 13;
-  TokenBatch batch() const { return {tokens, targets, weights, B, T, {}, 0.0f}; }
+  TokenBatch batch() const { return {tokens, targets, weights, B, T, {}, 0.0f, {}}; }
 };
 
 // Random ids; every third position masked, the rest with weights of both signs.
@@ -429,6 +429,116 @@ TEST(V4TrainTest, SequenceBalanceLossGradientMatchesFiniteDifferences) {
   EXPECT_GE(checked, 5);
   batch.balance_loss_weight = -1.0f;
   EXPECT_EQ(WeightedTokenLossAndGradients(**model, batch, nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// Note [Packed documents]: a row holding two documents (and padding) gives
+// the loss, log-probs, expert loads and every gradient of the two documents
+// run as batches of their own, and not those of the concatenation, whose
+// second document attends to (and is compressed together with) the first.
+TEST(V4TrainTest, PackedDocumentsRunAsSeparateSequences) {
+  auto model = Model::Load(kFixtureB);
+  ASSERT_TRUE(model.ok()) << model.status();
+  constexpr uint64_t kSeed = 4242;
+  std::mt19937_64 rng(kSeed);
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
+  const int64_t V = (*model)->config().vocab_size;
+  // Row 0: document A (9 tokens), document B (13), 2 padding; row 1: one document of 24.
+  const int64_t T = 24, lengths[] = {9, 13, 24};
+  std::vector<std::vector<int64_t>> docs;
+  for (int64_t len : lengths) {
+    std::vector<int64_t> d(len);
+    for (auto& t : d) t = 2 + static_cast<int64_t>(rng() % (V - 2));
+    docs.push_back(d);
+  }
+  std::vector<int64_t> tokens(2 * T, 0), targets(2 * T, -1);
+  std::vector<int32_t> documents(2 * T, -1);
+  std::vector<float> weights(2 * T, 0.0f);
+  const int64_t starts[] = {0, 9, T};
+  for (int k = 0; k < 3; ++k)
+    for (int64_t i = 0; i < lengths[k]; ++i) {
+      tokens[starts[k] + i] = docs[k][i];
+      documents[starts[k] + i] = k == 2 ? 0 : k;
+      if (i + 1 < lengths[k]) targets[starts[k] + i] = docs[k][i + 1];
+    }
+  int64_t scored = 0;
+  for (int64_t t : targets) scored += t >= 0;
+  for (size_t i = 0; i < targets.size(); ++i)
+    if (targets[i] >= 0) weights[i] = (0.5f + static_cast<float>(rng() % 100) / 100) / scored;
+  TokenBatch packed{tokens, targets, weights, 2, T, {}, 0.0f, documents};
+  Gradients g_packed;
+  auto lp = WeightedTokenLossAndGradients(**model, packed, &g_packed);
+  ASSERT_TRUE(lp.ok()) << lp.status();
+
+  Gradients g_apart;
+  double loss_apart = 0;
+  std::vector<int64_t> load_apart((*model)->config().n_routed_experts, 0);
+  for (int k = 0; k < 3; ++k) {
+    const int64_t s = starts[k], n = lengths[k];
+    TokenBatch one{absl::MakeConstSpan(tokens.data() + s, n),
+                   absl::MakeConstSpan(targets.data() + s, n),
+                   absl::MakeConstSpan(weights.data() + s, n),
+                   1,
+                   n,
+                   {},
+                   0.0f, {}};
+    auto l = WeightedTokenLossAndGradients(**model, one, &g_apart);
+    ASSERT_TRUE(l.ok()) << l.status();
+    loss_apart += l->loss;
+    for (int64_t i = 0; i < n; ++i)
+      EXPECT_EQ(lp->logprobs[s + i], l->logprobs[i]) << "document " << k;
+    for (size_t e = 0; e < load_apart.size(); ++e) load_apart[e] += l->expert_load[1][e];
+  }
+  EXPECT_EQ(lp->logprobs[22], 0.0f);  // padding
+  EXPECT_EQ(lp->expert_load[1], load_apart) << "padding routes nowhere";
+  EXPECT_NEAR(lp->loss, loss_apart, 1e-9 * std::fabs(loss_apart));
+  float worst = 0;
+  std::string worst_name;
+  ASSERT_EQ(g_packed.by_name.size(), g_apart.by_name.size());
+  for (const auto& [name, g] : g_apart.by_name) {
+    ASSERT_TRUE(g_packed.by_name.count(name)) << name;
+    const float rel =
+        RelativeError(g_packed.by_name[name].data(), g.data(), static_cast<int64_t>(g.size()));
+    if (rel > worst) {
+      worst = rel;
+      worst_name = name;
+    }
+    EXPECT_LE(rel, 1e-6f) << name;
+  }
+  std::printf(
+      "packed vs separate documents: loss %.9g vs %.9g, worst gradient relative error %.2e (%s)\n",
+      lp->loss, loss_apart, worst, worst_name.c_str());
+
+  // The cross-attending concatenation (no documents) is another function.
+  TokenBatch concatenated = packed;
+  concatenated.documents = {};
+  Gradients g_cat;
+  auto lc = WeightedTokenLossAndGradients(**model, concatenated, &g_cat);
+  ASSERT_TRUE(lc.ok()) << lc.status();
+  std::printf("concatenated row: loss %.9g\n", lc->loss);
+  EXPECT_GT(std::fabs(lc->loss - lp->loss), 1e-3 * std::fabs(lp->loss));
+  for (int64_t i = 0; i < 9; ++i)
+    EXPECT_NEAR(lc->logprobs[i], lp->logprobs[i], 1e-5f) << "document A sees nothing before it";
+  float differs = 0;
+  for (int64_t i = 9; i < 21; ++i)
+    differs = std::max(differs, std::fabs(lc->logprobs[i] - lp->logprobs[i]));
+  EXPECT_GT(differs, 1e-3f) << "document B attends to document A when concatenated";
+  EXPECT_GT(
+      RelativeError(g_cat.by_name["model.embed_tokens.weight"].data(),
+                    g_packed.by_name["model.embed_tokens.weight"].data(),
+                    static_cast<int64_t>(g_packed.by_name["model.embed_tokens.weight"].size())),
+      1e-3f);
+
+  // Padding with a target, or documents of the wrong size, are bad batches.
+  std::vector<int64_t> bad_targets = targets;
+  bad_targets[22] = 5;
+  TokenBatch bad = packed;
+  bad.targets = bad_targets;
+  EXPECT_NE(WeightedTokenLossAndGradients(**model, bad, nullptr).status().message().find("padding"),
+            std::string::npos);
+  bad = packed;
+  bad.documents = absl::MakeConstSpan(documents.data(), 5);
+  EXPECT_EQ(WeightedTokenLossAndGradients(**model, bad, nullptr).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 

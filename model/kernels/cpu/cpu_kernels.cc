@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "model/base/logging.h"
 #include "model/base/thread_pool.h"
 #include "model/tensor/dtype.h"
 
@@ -144,6 +145,57 @@ void DequantizeFp8Blocks(const uint8_t* codes, const uint8_t* scales, int64_t ro
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c)
       w[r * cols + c] = E4M3ToF32(codes[r * cols + c]) * E8M0ToF32(scales[(r / 128) * scols + c / 128]);
+}
+
+namespace {
+
+// E8M0 byte of 2^ceil(log2(amax / max_code)), clamped to the format's finite
+// range; 127 (scale 1) for an all-zero block.
+uint8_t PowerOfTwoScale(float amax, float max_code) {
+  if (!(amax > 0.0f)) return 127;
+  // frexp: amax / max_code = m * 2^e with m in [0.5, 1); ceil(log2) = e, or e - 1 when m == 0.5.
+  int e = 0;
+  const float m = std::frexp(amax / max_code, &e);
+  const int exponent = m == 0.5f ? e - 1 : e;
+  return static_cast<uint8_t>(std::clamp(exponent + 127, 1, 254));
+}
+
+}  // namespace
+
+uint8_t QuantizeMxFp4Block(const float* x, int64_t n, uint8_t* codes) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const uint8_t s = PowerOfTwoScale(amax, 6.0f);
+  const float scale = E8M0ToF32(s);
+  for (int64_t i = 0; i < n; ++i) codes[i] = F32ToE2M1(x[i] / scale);
+  return s;
+}
+
+void QuantizeMxFp4(const float* w, int64_t out, int64_t in, uint8_t* codes, uint8_t* scales) {
+  CHECK_EQ(in % 32, 0) << "MXFP4 rows need a multiple of 32 values";
+  uint8_t block[32];
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t b = 0; b < in / 32; ++b) {
+      scales[o * (in / 32) + b] = QuantizeMxFp4Block(w + o * in + b * 32, 32, block);
+      uint8_t* dst = codes + o * (in / 2) + b * 16;
+      for (int i = 0; i < 16; ++i) dst[i] = static_cast<uint8_t>(block[2 * i] | (block[2 * i + 1] << 4));
+    }
+}
+
+void QuantizeFp8Blocks(const float* w, int64_t rows, int64_t cols, uint8_t* codes, uint8_t* scales) {
+  const int64_t srows = (rows + 127) / 128, scols = (cols + 127) / 128;
+  for (int64_t br = 0; br < srows; ++br)
+    for (int64_t bc = 0; bc < scols; ++bc) {
+      const int64_t r1 = std::min(rows, (br + 1) * 128), c1 = std::min(cols, (bc + 1) * 128);
+      float amax = 0.0f;
+      for (int64_t r = br * 128; r < r1; ++r)
+        for (int64_t c = bc * 128; c < c1; ++c) amax = std::max(amax, std::fabs(w[r * cols + c]));
+      const uint8_t s = PowerOfTwoScale(amax, 448.0f);
+      scales[br * scols + bc] = s;
+      const float scale = E8M0ToF32(s);
+      for (int64_t r = br * 128; r < r1; ++r)
+        for (int64_t c = bc * 128; c < c1; ++c) codes[r * cols + c] = F32ToE4M3(w[r * cols + c] / scale);
+    }
 }
 
 void RmsNorm(const float* x, int64_t T, int64_t D, const float* weight, float eps, float* y) {

@@ -30,6 +30,23 @@ void DequantizeMxFp4(const uint8_t* codes, const uint8_t* scales, int64_t out, i
 // ([ceil(rows/128), ceil(cols/128)]) to f32.
 void DequantizeFp8Blocks(const uint8_t* codes, const uint8_t* scales, int64_t rows, int64_t cols, float* w);
 
+// The one MXFP4 quantizer (QAT and released-layout export both use it): the
+// `n` <= 32 values of one block get the E8M0 scale 2^ceil(log2(amax / 6))
+// (6 = the largest e2m1 value, so nothing saturates) and the e2m1 code of
+// x / scale, rounded to nearest, ties to even (one code per byte in `codes`).
+// Returns the scale's E8M0 byte; an all-zero block gets 127 (scale 1) and zero codes.
+uint8_t QuantizeMxFp4Block(const float* x, int64_t n, uint8_t* codes);
+// W f32 [out, in] (in % 32 == 0) -> packed codes u8 [out, in/2] (low nibble =
+// even element) and E8M0 scales [out, in/32]: the inverse of DequantizeMxFp4
+// on its grid.
+void QuantizeMxFp4(const float* w, int64_t out, int64_t in, uint8_t* codes, uint8_t* scales);
+// W f32 [rows, cols] -> e4m3 codes [rows, cols] and E8M0 scales per 128x128
+// block [ceil(rows/128), ceil(cols/128)], scale 2^ceil(log2(amax / 448)) (448 =
+// the largest e4m3 value, so nothing saturates; the UE8M0 rule of V4_SPEC.md
+// §4), codes round to nearest even. An all-zero block gets scale 1. The
+// inverse of DequantizeFp8Blocks on its grid.
+void QuantizeFp8Blocks(const float* w, int64_t rows, int64_t cols, uint8_t* codes, uint8_t* scales);
+
 // y[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * (weight ? weight : 1); x: [T, D]. In place allowed.
 void RmsNorm(const float* x, int64_t T, int64_t D, const float* weight, float eps, float* y);
 
