@@ -8,6 +8,7 @@
 #include "model/base/status_macros.h"
 #ifdef RETORT_HAVE_CUDA
 #include "model/kernels/cuda/cuda_runtime.cuh"
+#include "model/kernels/cuda/sampling.cuh"
 #include "model/v4/cuda_model.h"
 #endif
 
@@ -39,6 +40,12 @@ class CpuBackend : public ModelBackend {
     }
     return model_->Step(c);
   }
+  absl::StatusOr<rollout::SampledToken> StepAndSample(const Chunk& chunk, rollout::Sampler& sampler) override {
+    ASSIGN_OR_RETURN(std::vector<float> logits, Step(absl::MakeConstSpan(&chunk, 1)));
+    const int64_t V = config().vocab_size;
+    if (logits.empty()) return absl::InvalidArgumentError("StepAndSample: empty chunk");
+    return sampler.Sample(absl::MakeConstSpan(logits.data() + logits.size() - V, V));
+  }
 
  private:
   std::unique_ptr<v4::Model> model_;
@@ -57,10 +64,36 @@ class CudaBackend : public ModelBackend {
     for (const Chunk& ch : chunks) c.push_back({ch.seq, ch.tokens});
     return model_->Step(c);
   }
+  absl::StatusOr<rollout::SampledToken> StepAndSample(const Chunk& chunk, rollout::Sampler& sampler) override {
+    if (chunk.tokens.empty()) return absl::InvalidArgumentError("StepAndSample: empty chunk");
+    const int64_t V = config().vocab_size;
+    std::vector<v4::CudaModel::Chunk> c = {{chunk.seq, chunk.tokens}};
+    ASSIGN_OR_RETURN(const float* logits, model_->StepOnDevice(c));
+    const float* last = logits + (static_cast<int64_t>(chunk.tokens.size()) - 1) * V;
+    if (!scratch_.get()) {
+      ASSIGN_OR_RETURN(scratch_, cuda::DeviceBuffer::Allocate(cuda::SamplingScratchBytes(1, V)));
+      ASSIGN_OR_RETURN(io_, cuda::DeviceBuffer::Allocate(256));
+    }
+    const rollout::SamplingParams& p = sampler.params();
+    const cuda::SamplingRow row{p.temperature, p.top_k, p.top_p, sampler.NextCanonical()};
+    auto* base = io_.as<uint8_t>();
+    auto* d_row = reinterpret_cast<cuda::SamplingRow*>(base);
+    auto* d_tok = reinterpret_cast<int64_t*>(base + 64);
+    auto* d_lp = reinterpret_cast<float*>(base + 128);
+    auto* d_mlp = reinterpret_cast<float*>(base + 192);
+    RETURN_IF_ERROR(cuda::CopyToDevice(d_row, &row, sizeof(row)));
+    RETURN_IF_ERROR(cuda::SampleRows(last, 1, V, d_row, scratch_.get(), d_tok, d_lp, d_mlp, nullptr));
+    rollout::SampledToken t;
+    RETURN_IF_ERROR(cuda::CopyToHost(&t.token, d_tok, sizeof(int64_t)));
+    RETURN_IF_ERROR(cuda::CopyToHost(&t.logprob, d_lp, sizeof(float)));
+    RETURN_IF_ERROR(cuda::CopyToHost(&t.model_logprob, d_mlp, sizeof(float)));
+    return t;
+  }
 
  private:
   std::unique_ptr<v4::CudaModel> model_;
   std::string desc_;
+  cuda::DeviceBuffer scratch_, io_;  // sampler scratch; row params and results
 };
 #endif
 

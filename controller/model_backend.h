@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "model/v4/model.h"
+#include "rollout/engine/sampler.h"
 
 namespace retort::controller {
 
@@ -27,6 +28,10 @@ class ModelBackend {
     absl::Span<const int64_t> tokens;
   };
   [[nodiscard]] virtual absl::StatusOr<std::vector<float>> Step(absl::Span<const Chunk> chunks) = 0;
+  // Steps one chunk and samples from its last row with `sampler` (on the
+  // device for CUDA: the logits stay there).
+  [[nodiscard]] virtual absl::StatusOr<rollout::SampledToken> StepAndSample(const Chunk& chunk,
+                                                                           rollout::Sampler& sampler) = 0;
 };
 
 // From --model, --device, --numerics, --threads. A CUDA backend holds

@@ -261,20 +261,20 @@ absl::Status Generate() {
   ASSIGN_OR_RETURN(auto model, LoadBackendFromFlags(1, static_cast<int64_t>(prompt.size()) + max_new));
   rollout::Sampler sampler(sp);
   ASSIGN_OR_RETURN(int seq, model->NewSequence());
-  const int64_t V = model->config().vocab_size;
   const int64_t eos = tok && tok->eos_id() ? *tok->eos_id() : model->config().eos_token_id;
-  std::vector<ModelBackend::Chunk> chunk = {{seq, prompt}};
-  const auto t0 = Clock::now();
-  ASSIGN_OR_RETURN(std::vector<float> logits, model->Step(chunk));
-  const double prefill_s = Seconds(t0, Clock::now());
+  ModelBackend::Chunk chunk = {seq, prompt};
   std::vector<int64_t> out;
-  double sum_logprob = 0.0;
+  double sum_logprob = 0.0, prefill_s = 0.0;
   std::unique_ptr<tokenizer::StreamDecoder> stream;
   if (tok) stream = std::make_unique<tokenizer::StreamDecoder>(tok.get());
-  const auto t1 = Clock::now();
+  const auto t0 = Clock::now();
+  auto t1 = t0;
   for (int32_t i = 0; i < max_new; ++i) {
-    const float* last = logits.data() + (logits.size() / V - 1) * V;
-    rollout::SampledToken s = sampler.Sample(absl::MakeConstSpan(last, V));
+    ASSIGN_OR_RETURN(rollout::SampledToken s, model->StepAndSample(chunk, sampler));
+    if (i == 0) {
+      t1 = Clock::now();
+      prefill_s = Seconds(t0, t1);  // the prompt's step and the first sample
+    }
     out.push_back(s.token);
     sum_logprob += s.logprob;
     if (stream) {  // text streams as it is generated, UTF-8 safe across tokens
@@ -282,9 +282,7 @@ absl::Status Generate() {
       std::fflush(stdout);
     }
     if (s.token == eos && !absl::GetFlag(FLAGS_ignore_eos)) break;
-    if (i + 1 == max_new) break;
-    chunk[0].tokens = absl::MakeConstSpan(&out.back(), 1);
-    ASSIGN_OR_RETURN(logits, model->Step(chunk));
+    chunk.tokens = absl::MakeConstSpan(&out.back(), 1);
   }
   if (stream) {
     std::printf("%s\n", stream->Finish().c_str());
@@ -294,8 +292,11 @@ absl::Status Generate() {
     std::printf("%s\n", line.c_str());
   }
   const double decode_s = Seconds(t1, Clock::now());
-  std::fprintf(stderr, "%s: prompt %zu tokens (prefill %.3fs), generated %zu tokens in %.3fs (%.1f tok/s), sum log-prob %.3f\n",
-               model->Describe().c_str(), prompt.size(), prefill_s, out.size(), decode_s, out.size() / std::max(decode_s, 1e-9), sum_logprob);
+  const size_t decoded = out.empty() ? 0 : out.size() - 1;
+  std::fprintf(stderr, "%s: prompt %zu tokens (prefill + first token %.3fs), then %zu tokens in %.3fs (%.1f tok/s), "
+               "sum log-prob %.3f\n",
+               model->Describe().c_str(), prompt.size(), prefill_s, decoded, decode_s,
+               decoded / std::max(decode_s, 1e-9), sum_logprob);
   PrintCompletionSummary(tok.get(), mode, out);
   return absl::OkStatus();
 }

@@ -992,7 +992,7 @@ absl::StatusOr<float> NextTokenLossAndGradients(const Model& model, absl::Span<c
       targets[b * T + t] = tokens[b * T + t + 1];
       weights[b * T + t] = scale;
     }
-  TokenBatch batch{tokens, targets, weights, B, T, {}, 0.0f};
+  TokenBatch batch{tokens, targets, weights, B, T, {}, 0.0f, {}};
   ASSIGN_OR_RETURN(WeightedLoss r, WeightedTokenLossAndGradients(model, batch, grads));
   return static_cast<float>(r.loss);
 }
