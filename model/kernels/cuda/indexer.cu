@@ -10,26 +10,30 @@
 namespace retort::cuda {
 namespace {
 
-constexpr int kEntriesPerBlock = 64;  // threads per scoring block, one entry each
 constexpr int kTopKThreads = 512;
 
-// Note [Indexer scoring layout]: one thread per entry. q[b] (Hi x Di) and
-// w[b] are staged in shared memory (every lane reads the same address: a
-// broadcast); each thread streams its key in 32-value chunks and keeps the
-// dot products of 16 heads in registers, so there are no shuffles. Each
-// head's dot is summed in dimension order and the heads in head order —
-// the CPU loop's order — which keeps ties (and top-k) aligned with it.
+// Note [Indexer scoring layout]: kLanesPerEntry threads per entry, each
+// owning a contiguous quarter of the heads. q[b] (Hi x Di) and w[b] are
+// staged in shared memory (a warp's reads of one address broadcast); each
+// thread streams its key in 32-value chunks and keeps the dot products of up
+// to 16 heads in registers, so the only shuffles are the final two that add
+// the quarters. Each head's dot is summed in dimension order as the CPU loop
+// does; identical keys give identical scores, so ties stay ties.
 constexpr int kHeadGroup = 16;
 constexpr int kKeyChunk = 32;
+constexpr int kLanesPerEntry = 4;
 
-// grid (ceil(cap / kEntriesPerBlock), B), kEntriesPerBlock threads.
-__global__ void __launch_bounds__(kEntriesPerBlock) IndexerScoresKernel(const float* __restrict__ q,
-                                                                        const float* __restrict__ w,
-                                                                        const float* __restrict__ keys,
-                                                                        const int32_t* __restrict__ row_slot,
-                                                                        const int32_t* __restrict__ visible, int Hi,
-                                                                        int Di, int64_t cap, int64_t score_stride,
-                                                                        float* __restrict__ scores) {
+// grid (ceil(cap / kEntriesPerBlock), B), kEntriesPerBlock * kLanesPerEntry
+// threads. Few rows (decode at small batch): 32 entries a block for more
+// blocks; many: 128, so q is staged once per more entries.
+template <int kEntriesPerBlock>
+__global__ void __launch_bounds__(kEntriesPerBlock * kLanesPerEntry) IndexerScoresKernel(const float* __restrict__ q,
+                                                                     const float* __restrict__ w,
+                                                                     const float* __restrict__ keys,
+                                                                     const int32_t* __restrict__ row_slot,
+                                                                     const int32_t* __restrict__ visible, int Hi,
+                                                                     int Di, int64_t cap, int64_t score_stride,
+                                                                     float* __restrict__ scores) {
   extern __shared__ float qs[];  // [Hi * Di] then w [Hi]
   const int64_t b = blockIdx.y;
   const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kEntriesPerBlock;
@@ -39,13 +43,16 @@ __global__ void __launch_bounds__(kEntriesPerBlock) IndexerScoresKernel(const fl
   for (int i = threadIdx.x; i < Hi * Di; i += blockDim.x) qs[i] = q[b * Hi * Di + i];
   for (int i = threadIdx.x; i < Hi; i += blockDim.x) ws[i] = w[b * Hi + i];
   __syncthreads();
-  const int64_t s = s0 + threadIdx.x;
-  if (s >= vis) return;
+  const int quarter = threadIdx.x % kLanesPerEntry;
+  const int64_t s = s0 + threadIdx.x / kLanesPerEntry;
+  const bool live = s < vis;
   const int64_t slot = row_slot ? row_slot[b] : b;
-  const float* k = keys + (slot * cap + s) * Di;
+  const float* k = keys + (slot * cap + (live ? s : 0)) * Di;
   const float wscale = 1.0f / sqrtf(static_cast<float>(Hi)), sscale = 1.0f / sqrtf(static_cast<float>(Di));
+  const int per = (Hi + kLanesPerEntry - 1) / kLanesPerEntry;
+  const int h_begin = quarter * per, h_end = h_begin + per < Hi ? h_begin + per : Hi;
   float acc = 0.0f;
-  for (int h0 = 0; h0 < Hi; h0 += kHeadGroup) {
+  for (int h0 = h_begin; live && h0 < h_end; h0 += kHeadGroup) {
     float dot[kHeadGroup];
 #pragma unroll
     for (int h = 0; h < kHeadGroup; ++h) dot[h] = 0.0f;
@@ -55,7 +62,7 @@ __global__ void __launch_bounds__(kEntriesPerBlock) IndexerScoresKernel(const fl
       for (int e = 0; e < kKeyChunk; ++e) kr[e] = e0 + e < Di ? __ldg(k + e0 + e) : 0.0f;
 #pragma unroll
       for (int h = 0; h < kHeadGroup; ++h) {
-        if (h0 + h >= Hi) break;
+        if (h0 + h >= h_end) break;
         const float* qh = qs + (h0 + h) * Di + e0;
 #pragma unroll
         for (int e = 0; e < kKeyChunk; ++e)
@@ -64,10 +71,13 @@ __global__ void __launch_bounds__(kEntriesPerBlock) IndexerScoresKernel(const fl
     }
 #pragma unroll
     for (int h = 0; h < kHeadGroup; ++h)
-      if (h0 + h < Hi)
+      if (h0 + h < h_end)
         acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(fmaxf(dot[h], 0.0f), sscale), __fmul_rn(ws[h0 + h], wscale)));
   }
-  scores[b * score_stride + s] = acc;
+  // The quarters of one entry are adjacent lanes: (q0 + q1) + (q2 + q3).
+  acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+  if (live && quarter == 0) scores[b * score_stride + s] = acc;
 }
 
 // One block per row: a 4-pass radix select (8 bits each) of the k-th largest
@@ -147,12 +157,17 @@ absl::Status IndexerScoresForRows(const float* q, const float* w, const float* k
   if (B == 0 || cap == 0) return absl::OkStatus();
   if (B > 65535) return absl::InvalidArgumentError(absl::StrCat("IndexerScores: B ", B, " > 65535"));
   const size_t smem = sizeof(float) * (Hi * Di + Hi);
-  if (smem > 48 * 1024)
-    RETORT_CUDA_RETURN(cudaFuncSetAttribute(IndexerScoresKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>((cap + kEntriesPerBlock - 1) / kEntriesPerBlock), static_cast<unsigned>(B));
-  IndexerScoresKernel<<<grid, kEntriesPerBlock, smem, stream>>>(q, w, keys, row_slot, visible, Hi, Di, cap, score_stride,
-                                                           scores);
+  auto launch = [&](auto kernel, int entries) -> absl::Status {
+    if (smem > 48 * 1024)
+      RETORT_CUDA_RETURN(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    const dim3 grid(static_cast<unsigned>((cap + entries - 1) / entries), static_cast<unsigned>(B));
+    kernel<<<grid, entries * kLanesPerEntry, smem, stream>>>(q, w, keys, row_slot, visible, Hi, Di, cap, score_stride,
+                                                             scores);
+    return absl::OkStatus();
+  };
+  const bool many = B * ((cap + 31) / 32) >= 4096;
+  absl::Status st = many ? launch(IndexerScoresKernel<128>, 128) : launch(IndexerScoresKernel<32>, 32);
+  if (!st.ok()) return st;
   RETORT_CUDA_LAUNCH_CHECK();
   return absl::OkStatus();
 }

@@ -155,7 +155,53 @@ __global__ void __launch_bounds__(kThreads) HcMixPartialKernel(HcParams p, int m
   }
 }
 
-// grid (rows), 32 threads: reduce the slices, then the maps (thread 0). pre -> pre_out [rows, hc].
+// Sinkhorn of an hc x hc matrix in shared memory by one warp, element (i, j)
+// on lane i*hc + j: the same arithmetic per element as Sinkhorn() above (row
+// softmax + eps, then alternating column / row normalisations, each sum in
+// index order), without its serial chain of hc*hc divisions per pass.
+__device__ void SinkhornWarp(float* m, int hc, int iters, float eps) {
+  const int lane = threadIdx.x & 31;
+  const bool on = lane < hc * hc;
+  const int i = on ? lane / hc : 0, j = on ? lane % hc : 0;
+  float v = on ? m[lane] : 0.0f;
+  float mx = -INFINITY;
+  if (on)
+    for (int k = 0; k < hc; ++k) mx = fmaxf(mx, m[i * hc + k]);
+  __syncwarp();
+  if (on) m[lane] = expf(v - mx);
+  __syncwarp();
+  if (on) {
+    float sum = 0.0f;
+    for (int k = 0; k < hc; ++k) sum += m[i * hc + k];
+    v = m[lane] / sum + eps;
+  }
+  __syncwarp();
+  if (on) m[lane] = v;
+  __syncwarp();
+  for (int it = 0; it < iters; ++it) {
+    if (it > 0) {
+      if (on) {
+        float rs = 0.0f;
+        for (int k = 0; k < hc; ++k) rs += m[i * hc + k];
+        v = m[lane] / (rs + eps);
+      }
+      __syncwarp();
+      if (on) m[lane] = v;
+      __syncwarp();
+    }
+    if (on) {
+      float cs = 0.0f;
+      for (int k = 0; k < hc; ++k) cs += m[k * hc + j];
+      v = m[lane] / (cs + eps);
+    }
+    __syncwarp();
+    if (on) m[lane] = v;
+    __syncwarp();
+  }
+}
+
+// grid (rows), 32 threads: reduce the slices, then the maps (Sinkhorn by the
+// warp). pre -> pre_out [rows, hc].
 template <bool kHead>
 __global__ void HcMapsKernel(HcParams p, int64_t slices, const float* __restrict__ partial,
                              const float* __restrict__ base, const float* __restrict__ scale,
@@ -163,21 +209,22 @@ __global__ void HcMapsKernel(HcParams p, int64_t slices, const float* __restrict
   const int hc = p.hc;
   const int64_t r = blockIdx.x, width = hc * p.d;
   __shared__ float mixes[kMaxMix + 1];
+  __shared__ float cm[16];
   if (threadIdx.x <= kMaxMix) {
     float t = 0.0f;
     for (int64_t s = 0; s < slices; ++s) t += partial[(r * slices + s) * (kMaxMix + 1) + threadIdx.x];
     mixes[threadIdx.x] = t;
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
   const float inv = 1.0f / sqrtf(mixes[kMaxMix] / static_cast<float>(width) + p.rms_eps);
-  for (int j = 0; j < hc; ++j) pre_out[r * hc + j] = SigmoidF(mixes[j] * inv * scale[0] + base[j]) + p.hc_eps;
+  const int t = threadIdx.x;
+  if (t < hc) pre_out[r * hc + t] = SigmoidF(mixes[t] * inv * scale[0] + base[t]) + p.hc_eps;
   if constexpr (!kHead) {
-    float cm[16];
-    for (int j = 0; j < hc; ++j) post[r * hc + j] = 2.0f * SigmoidF(mixes[hc + j] * inv * scale[1] + base[hc + j]);
-    for (int k = 0; k < hc * hc; ++k) cm[k] = mixes[2 * hc + k] * inv * scale[2] + base[2 * hc + k];
-    Sinkhorn(cm, hc, p.sinkhorn_iters, p.hc_eps);
-    for (int k = 0; k < hc * hc; ++k) comb[r * hc * hc + k] = cm[k];
+    if (t < hc) post[r * hc + t] = 2.0f * SigmoidF(mixes[hc + t] * inv * scale[1] + base[hc + t]);
+    if (t < hc * hc) cm[t] = mixes[2 * hc + t] * inv * scale[2] + base[2 * hc + t];
+    __syncwarp();
+    SinkhornWarp(cm, hc, p.sinkhorn_iters, p.hc_eps);
+    if (t < hc * hc) comb[r * hc * hc + t] = cm[t];
   }
 }
 

@@ -34,6 +34,9 @@ __global__ void __launch_bounds__(kWarps * 32) MxFp4GroupedKernel(
     int64_t out, const int32_t* __restrict__ group_offsets, const int32_t* __restrict__ group_expert,
     const int32_t* __restrict__ row_index, int64_t single_rows, float* __restrict__ y) {
   __shared__ __align__(16) float xs[kTokenTile][kChunkBlocks * kPad];
+  __shared__ float lut[16];  // e2m1 code -> value
+  if (threadIdx.x < 16) lut[threadIdx.x] = internal::E2M1(threadIdx.x);
+  __syncthreads();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kRowsPerCta + warp * kRowsPerWarp;
@@ -84,12 +87,13 @@ __global__ void __launch_bounds__(kWarps * 32) MxFp4GroupedKernel(
       }
       if (c0 + kChunkBlocks < blocks) load_chunk(c0 + kChunkBlocks);
       __syncthreads();  // the previous chunk is consumed
-      for (int idx = threadIdx.x; idx < kTokenTile * kChunkBlocks * 8; idx += kWarps * 32) {
+      // Only the nt live rows are staged (decode: nt = 1).
+      for (int idx = threadIdx.x; idx < nt * kChunkBlocks * 8; idx += kWarps * 32) {
         const int t = idx / (kChunkBlocks * 8);
         const int b = (idx / 8) % kChunkBlocks;
         const int k = idx % 8;
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (t < nt && b < nb) {
+        if (b < nb) {
           const int64_t m = t0 + t;
           const float* xr = x + (row_index ? static_cast<int64_t>(row_index[m]) : m) * in;
           v = __ldg(reinterpret_cast<const float4*>(xr + (c0 + b) * 32) + k);
@@ -98,6 +102,15 @@ __global__ void __launch_bounds__(kWarps * 32) MxFp4GroupedKernel(
       }
       __syncthreads();
       if (lane < nb) {
+        // The block's E8M0 scale is a power of two, so it is applied once to
+        // the block's partial dot product: sc * sum(e2m1 * x) equals
+        // sum((e2m1 * sc) * x) in fp32 (no rounding moves) outside the
+        // subnormal range; e2m1 values come from a 16-entry table.
+        float part[kRowsPerWarp][kTokenTile];
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+          for (int t = 0; t < kTokenTile; ++t) part[r][t] = 0.0f;
 #pragma unroll
         for (int word = 0; word < 4; ++word) {
           float w[kRowsPerWarp][8];
@@ -105,7 +118,7 @@ __global__ void __launch_bounds__(kWarps * 32) MxFp4GroupedKernel(
           for (int r = 0; r < kRowsPerWarp; ++r) {
             const uint32_t bits = word == 0 ? q[r].x : word == 1 ? q[r].y : word == 2 ? q[r].z : q[r].w;
 #pragma unroll
-            for (int k = 0; k < 8; ++k) w[r][k] = internal::E2M1((bits >> (4 * k)) & 0xfu) * sc[r];
+            for (int k = 0; k < 8; ++k) w[r][k] = lut[(bits >> (4 * k)) & 0xfu];
           }
 #pragma unroll
           for (int t = 0; t < kTokenTile; ++t) {
@@ -114,11 +127,16 @@ __global__ void __launch_bounds__(kWarps * 32) MxFp4GroupedKernel(
               const float4 c = *reinterpret_cast<const float4*>(&xs[t][lane * kPad + 8 * word + 4]);
 #pragma unroll
               for (int r = 0; r < kRowsPerWarp; ++r)
-                acc[r][t] += w[r][0] * a.x + w[r][1] * a.y + w[r][2] * a.z + w[r][3] * a.w + w[r][4] * c.x +
-                             w[r][5] * c.y + w[r][6] * c.z + w[r][7] * c.w;
+                part[r][t] += w[r][0] * a.x + w[r][1] * a.y + w[r][2] * a.z + w[r][3] * a.w + w[r][4] * c.x +
+                              w[r][5] * c.y + w[r][6] * c.z + w[r][7] * c.w;
             }
           }
         }
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+          for (int t = 0; t < kTokenTile; ++t)
+            if (t < nt) acc[r][t] += sc[r] * part[r][t];
       }
     }
 #pragma unroll
