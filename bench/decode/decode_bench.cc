@@ -30,6 +30,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "bench/common/bench_util.h"
 #include "bench/common/v4_flash_config.h"
 #include "model/kernels/cuda/cuda_runtime.cuh"
 #include "model/v4/cuda_model.h"
@@ -37,22 +38,7 @@
 namespace retort {
 namespace {
 
-#define BENCH_CHECK(expr)                                                               \
-  do {                                                                                  \
-    if (absl::Status s_ = (expr); !s_.ok()) {                                           \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
-
-template <typename T>
-T Value(absl::StatusOr<T> v) {
-  if (!v.ok()) {
-    std::fprintf(stderr, "%s\n", v.status().ToString().c_str());
-    std::exit(1);
-  }
-  return *std::move(v);
-}
+using bench::Value;
 
 std::vector<int64_t> ParseList(const char* s) {
   std::vector<int64_t> out;

@@ -17,25 +17,14 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "bench/common/bench_util.h"
 #include "bench/common/v4_flash_config.h"
 #include "model/kernels/cuda/cuda_runtime.cuh"
 #include "model/v4/cuda_model.h"
 
-namespace {
-
-template <typename T>
-T Value(absl::StatusOr<T> v) {
-  if (!v.ok()) {
-    std::fprintf(stderr, "%s\n", v.status().ToString().c_str());
-    std::exit(1);
-  }
-  return *std::move(v);
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
   using namespace retort;
+  using bench::Value;
   std::vector<int64_t> prompts = {4096, 16384, 65536};
   int64_t chunk = 16384;
   for (int i = 1; i < argc; ++i) {

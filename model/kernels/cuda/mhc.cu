@@ -39,6 +39,37 @@ __device__ void Sinkhorn(float* m, int hc, int iters, float eps) {
   }
 }
 
+// The block's mix projection of X[i0, i1) of one row: out[k] (k < mix) =
+// sum_i X_i fn[k, i] and out[kMaxMix] = sum_i X_i^2, reduced over the block
+// in a fixed order. Every thread of the block calls it; out is shared memory.
+__device__ __forceinline__ void BlockMix(const float* __restrict__ xr, const float* __restrict__ fn, int64_t width,
+                                         int64_t i0, int64_t i1, int mix, float* out) {
+  __shared__ float part[kThreads / 32][kMaxMix + 1];
+  float acc[kMaxMix + 1];
+#pragma unroll
+  for (int k = 0; k <= kMaxMix; ++k) acc[k] = 0.0f;
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += kThreads) {
+    const float v = xr[i];
+    acc[kMaxMix] += v * v;
+#pragma unroll
+    for (int k = 0; k < kMaxMix; ++k)
+      if (k < mix) acc[k] += v * fn[k * width + i];
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k <= kMaxMix; ++k) {
+    const float t = internal::WarpSum(acc[k]);
+    if (lane == 0) part[warp][k] = t;
+  }
+  __syncthreads();
+  if (threadIdx.x <= kMaxMix) {
+    float t = 0.0f;
+    for (int w = 0; w < kThreads / 32; ++w) t += part[w][threadIdx.x];
+    out[threadIdx.x] = t;
+  }
+  __syncthreads();
+}
+
 // One block per row. head == true: hc_head (mix = hc rows, only the collapse).
 template <bool kHead>
 __global__ void __launch_bounds__(kThreads) HcPreKernel(HcParams p, const float* __restrict__ X,
@@ -50,34 +81,11 @@ __global__ void __launch_bounds__(kThreads) HcPreKernel(HcParams p, const float*
   const int mix = kHead ? hc : (2 + hc) * hc;
   const int64_t r = blockIdx.x;
   const float* xr = X + r * width;
-  __shared__ float part[kThreads / 32][kMaxMix + 1];
   __shared__ float mixes[kMaxMix + 1];
   __shared__ float pre[4];
   __shared__ float cm[16];
 
-  float acc[kMaxMix + 1];
-#pragma unroll
-  for (int k = 0; k <= kMaxMix; ++k) acc[k] = 0.0f;
-  for (int64_t i = threadIdx.x; i < width; i += kThreads) {
-    const float v = xr[i];
-    acc[kMaxMix] += v * v;
-#pragma unroll
-    for (int k = 0; k < kMaxMix; ++k)
-      if (k < mix) acc[k] += v * fn[k * width + i];
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int k = 0; k <= kMaxMix; ++k) {
-    const float s = internal::WarpSum(acc[k]);
-    if (lane == 0) part[warp][k] = s;
-  }
-  __syncthreads();
-  if (threadIdx.x <= kMaxMix) {
-    float s = 0.0f;
-    for (int w = 0; w < kThreads / 32; ++w) s += part[w][threadIdx.x];
-    mixes[threadIdx.x] = s;
-  }
-  __syncthreads();
+  BlockMix(xr, fn, width, 0, width, mix, mixes);
   if (threadIdx.x == 0) {
     const float inv = 1.0f / sqrtf(mixes[kMaxMix] / static_cast<float>(width) + p.rms_eps);
     for (int j = 0; j < hc; ++j) pre[j] = SigmoidF(mixes[j] * inv * scale[0] + base[j]) + p.hc_eps;
@@ -128,31 +136,10 @@ __global__ void __launch_bounds__(kThreads) HcMixPartialKernel(HcParams p, int m
                                                                const float* __restrict__ fn,
                                                                float* __restrict__ partial) {
   const int64_t width = p.hc * p.d, r = blockIdx.x, s = blockIdx.y;
-  const float* xr = X + r * width;
-  __shared__ float part[kThreads / 32][kMaxMix + 1];
-  float acc[kMaxMix + 1];
-#pragma unroll
-  for (int k = 0; k <= kMaxMix; ++k) acc[k] = 0.0f;
+  __shared__ float mixes[kMaxMix + 1];
   const int64_t i0 = s * kSliceWidth, i1 = i0 + kSliceWidth < width ? i0 + kSliceWidth : width;
-  for (int64_t i = i0 + threadIdx.x; i < i1; i += kThreads) {
-    const float v = xr[i];
-    acc[kMaxMix] += v * v;
-#pragma unroll
-    for (int k = 0; k < kMaxMix; ++k)
-      if (k < mix) acc[k] += v * fn[k * width + i];
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int k = 0; k <= kMaxMix; ++k) {
-    const float t = internal::WarpSum(acc[k]);
-    if (lane == 0) part[warp][k] = t;
-  }
-  __syncthreads();
-  if (threadIdx.x <= kMaxMix) {
-    float t = 0.0f;
-    for (int w = 0; w < kThreads / 32; ++w) t += part[w][threadIdx.x];
-    partial[(r * gridDim.y + s) * (kMaxMix + 1) + threadIdx.x] = t;
-  }
+  BlockMix(X + r * width, fn, width, i0, i1, mix, mixes);
+  if (threadIdx.x <= kMaxMix) partial[(r * gridDim.y + s) * (kMaxMix + 1) + threadIdx.x] = mixes[threadIdx.x];
 }
 
 // Sinkhorn of an hc x hc matrix in shared memory by one warp, element (i, j)
