@@ -1,6 +1,5 @@
 #include "model/kernels/cpu/cpu_kernels.h"
 
-#include <cblas.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -14,15 +13,145 @@
 
 namespace retort::cpu {
 
-void MatMul(const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y) {
-  if (T == 0 || out == 0) return;
-  if (in == 0) {
-    std::fill(y, y + T * out, 0.0f);
-    return;
+// Note [Batch-invariant MatMul]
+// y[t][o] must have the same bits whatever T, the position of row t, the other
+// rows and the thread count: the V4 forward batches sequences (and the MoE
+// groups rows per expert), and a sequence's logits must not depend on who
+// shares its step (the rollout worker's resume-after-kill promise). So every
+// element is computed by one fixed instruction sequence:
+//   acc (8 lanes) = 0
+//   for i = 0, 8, 16, ... < in:  acc = fma(x[t, i:i+8], w[o, i:i+8], acc)
+//     (the last in % 8 values through a zero-filled masked load)
+//   y[t][o] = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7))
+// Register tiles of R rows x C columns only run R*C such sequences side by
+// side, and tiles (and the threads that run them) only choose which elements
+// are computed when, so tile shapes and boundaries may depend on T and the
+// pool size without changing any bit. The scalar build keeps the same
+// property with one out-of-line 8-lane dot product used for every element.
+namespace {
+
+#if defined(__AVX2__) && defined(__FMA__)
+
+// Lanes [0, n) set, n in [0, 8].
+inline __m256i TailMask(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// The fixed horizontal reduction of Note [Batch-invariant MatMul].
+inline float ReduceLanes(__m256 a) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));  // a_l + a_{l+4}
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));                                 // s0 + s2, s1 + s3
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// y[r][c] (row stride ldy) for R rows of x from `x` (row stride in) and C rows
+// of w from `w` (row stride in). R * C + R + 1 <= 16 keeps it in registers.
+template <int R, int C>
+void DenseTile(const float* x, const float* w, int64_t in, float* y, int64_t ldy) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= in; i += 8) {
+    __m256 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * in + i);
+    for (int c = 0; c < C; ++c) {
+      const __m256 wv = _mm256_loadu_ps(w + c * in + i);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
+    }
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(T), static_cast<int>(out),
-              static_cast<int>(in), 1.0f, x, static_cast<int>(in), w, static_cast<int>(in), 0.0f, y,
-              static_cast<int>(out));
+  if (i < in) {
+    const __m256i m = TailMask(in - i);
+    __m256 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm256_maskload_ps(x + r * in + i, m);
+    for (int c = 0; c < C; ++c) {
+      const __m256 wv = _mm256_maskload_ps(w + c * in + i, m);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[r * ldy + c] = ReduceLanes(acc[r][c]);
+}
+
+constexpr int64_t kTileRows = 3;  // register tile: 3 rows x 4 columns
+constexpr int64_t kTileCols = 4;
+
+// Columns [c0, c1) of R rows, 4 at a time, then the remainder.
+template <int R>
+void DenseRowStrip(const float* x, const float* w, int64_t in, int64_t c0, int64_t c1, float* y, int64_t ldy) {
+  int64_t c = c0;
+  for (; c + kTileCols <= c1; c += kTileCols) DenseTile<R, kTileCols>(x, w + c * in, in, y + c, ldy);
+  switch (c1 - c) {
+    case 3: DenseTile<R, 3>(x, w + c * in, in, y + c, ldy); break;
+    case 2: DenseTile<R, 2>(x, w + c * in, in, y + c, ldy); break;
+    case 1: DenseTile<R, 1>(x, w + c * in, in, y + c, ldy); break;
+    default: break;
+  }
+}
+
+// Rows [t0, t1) x columns [c0, c1) of y.
+void DenseBlock(const float* x, int64_t t0, int64_t t1, int64_t in, const float* w, int64_t c0, int64_t c1,
+                int64_t out, float* y) {
+  int64_t t = t0;
+  for (; t + kTileRows <= t1; t += kTileRows)
+    DenseRowStrip<kTileRows>(x + t * in, w, in, c0, c1, y + t * out, out);
+  if (t1 - t == 2) DenseRowStrip<2>(x + t * in, w, in, c0, c1, y + t * out, out);
+  if (t1 - t == 1) DenseRowStrip<1>(x + t * in, w, in, c0, c1, y + t * out, out);
+}
+
+#else  // !(__AVX2__ && __FMA__)
+
+// One out-of-line function computes every element, so each gets the same
+// instructions however the compiler treats the surrounding loops.
+[[gnu::noinline]] float DenseDot(const float* x, const float* w, int64_t in) {
+  float a[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= in; i += 8)
+    for (int l = 0; l < 8; ++l) a[l] += x[i + l] * w[i + l];
+  for (int l = 0; i + l < in; ++l) a[l] += x[i + l] * w[i + l];
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+void DenseBlock(const float* x, int64_t t0, int64_t t1, int64_t in, const float* w, int64_t c0, int64_t c1,
+                int64_t out, float* y) {
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t c = c0; c < c1; ++c) y[t * out + c] = DenseDot(x + t * in, w + c * in, in);
+}
+
+#endif
+
+// Cache tiles: a block of kBlockCols rows of W (kBlockCols * in floats) stays
+// in L2 while kBlockRows rows of x pass over it, 3 at a time from L1.
+constexpr int64_t kBlockRows = 48;
+constexpr int64_t kBlockCols = 64;
+// Below this many multiply-adds a matmul runs on the calling thread.
+constexpr int64_t kMinParallelMacs = 1 << 15;
+
+}  // namespace
+
+namespace internal {
+
+void MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y) {
+  if (T == 0 || out == 0) return;
+  // Tiles are ordered column block major, so a thread's contiguous range of
+  // tiles reuses one block of W across row blocks.
+  const int64_t row_blocks = (T + kBlockRows - 1) / kBlockRows;
+  const int64_t col_blocks = (out + kBlockCols - 1) / kBlockCols;
+  const int64_t tiles = row_blocks * col_blocks;
+  const int64_t grain = T * in * out < kMinParallelMacs ? tiles : 1;
+  pool.ParallelFor(tiles, grain, [&](int64_t b, int64_t e) {
+    for (int64_t tile = b; tile < e; ++tile) {
+      const int64_t cb = tile / row_blocks, rb = tile % row_blocks;
+      DenseBlock(x, rb * kBlockRows, std::min(T, (rb + 1) * kBlockRows), in, w, cb * kBlockCols,
+                 std::min(out, (cb + 1) * kBlockCols), out, y);
+    }
+  });
+}
+
+}  // namespace internal
+
+void MatMul(const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y) {
+  internal::MatMulOnPool(ThreadPool::Default(), x, T, in, w, out, y);
 }
 
 void MatMulReference(const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y) {
@@ -72,13 +201,18 @@ inline void DecodeBlock32Avx2(const uint8_t* codes16, float scale, __m256* w) {
 }
 #endif
 
-void MxFp4MatMul(const float* x, int64_t T, int64_t in, const uint8_t* codes, const uint8_t* scales,
-                 int64_t out, float* y) {
+namespace internal {
+
+void MxFp4MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const uint8_t* codes,
+                       const uint8_t* scales, int64_t out, float* y) {
   const int64_t blocks = in / 32;
   // Rows of W are split across threads. Each 32-value block is decoded once
   // into registers and applied to every row of x; products accumulate in
-  // 8-lane partial sums reduced once per output.
-  ParallelFor(out, std::max<int64_t>(1, 256 / std::max<int64_t>(1, T)), [&](int64_t o0, int64_t o1) {
+  // 8-lane partial sums reduced once per output. Batch-invariant like MatMul
+  // (Note [Batch-invariant MatMul]): each y[t][o] is the same chain of FMAs
+  // over the blocks in order and the same final reduction, whatever T and
+  // however the rows of W are split.
+  pool.ParallelFor(out, std::max<int64_t>(1, 256 / std::max<int64_t>(1, T)), [&](int64_t o0, int64_t o1) {
 #if defined(__AVX2__) && defined(__FMA__)
     // 8-lane accumulators per row of x, kept as floats (std::vector<__m256>
     // would drop the type's alignment attribute).
@@ -131,6 +265,13 @@ void MxFp4MatMul(const float* x, int64_t T, int64_t in, const uint8_t* codes, co
     }
 #endif
   });
+}
+
+}  // namespace internal
+
+void MxFp4MatMul(const float* x, int64_t T, int64_t in, const uint8_t* codes, const uint8_t* scales,
+                 int64_t out, float* y) {
+  internal::MxFp4MatMulOnPool(ThreadPool::Default(), x, T, in, codes, scales, out, y);
 }
 
 void DequantizeMxFp4(const uint8_t* codes, const uint8_t* scales, int64_t out, int64_t in, float* w) {
