@@ -138,11 +138,29 @@ TEST(CpuKernelsTest, MatMulIsThreadCountInvariant) {
       std::vector<float> want(T * s.out), got(T * s.out);
       MatMul(x.data(), T, s.in, w.data(), s.out, want.data());
       for (auto& pool : pools) {
-        internal::MatMulOnPool(*pool, x.data(), T, s.in, w.data(), s.out, got.data());
+        internal::MatMulOnPool(*pool, x.data(), T, s.in, w.data(), s.out, got.data(), internal::MatMulPath::kFastest);
         ASSERT_EQ(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)), 0)
             << "seed " << kSeed << " in=" << s.in << " out=" << s.out << " T=" << T
             << " threads=" << pool->num_threads();
       }
+    }
+  }
+}
+
+// The AVX-512 tiles (where this CPU has them) must give the AVX2 tiles' bits,
+// so which machine ran a step never changes a sample.
+TEST(CpuKernelsTest, MatMulPathsAgreeBitwise) {
+  std::mt19937_64 rng(kSeed);
+  ThreadPool pool(1);
+  for (const Shape& s : kInvarianceShapes) {
+    auto w = Random(rng, s.out * s.in);
+    for (int64_t T : {1, 5, 6, 7, 13, 48, 111}) {
+      auto x = Random(rng, T * s.in);
+      std::vector<float> fastest(T * s.out), avx2(T * s.out);
+      internal::MatMulOnPool(pool, x.data(), T, s.in, w.data(), s.out, fastest.data(), internal::MatMulPath::kFastest);
+      internal::MatMulOnPool(pool, x.data(), T, s.in, w.data(), s.out, avx2.data(), internal::MatMulPath::kAvx2);
+      ASSERT_EQ(std::memcmp(fastest.data(), avx2.data(), avx2.size() * sizeof(float)), 0)
+          << "seed " << kSeed << " in=" << s.in << " out=" << s.out << " T=" << T;
     }
   }
 }

@@ -28,6 +28,8 @@ namespace retort::cpu {
 // are computed when, so tile shapes and boundaries may depend on T and the
 // pool size without changing any bit. The scalar build keeps the same
 // property with one out-of-line 8-lane dot product used for every element.
+// An AVX-512 tile, used when the CPU has it, runs the same per-lane sequence
+// two 8-lane halves at a time, so it gives the AVX2 tile's bits.
 namespace {
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -89,10 +91,95 @@ void DenseRowStrip(const float* x, const float* w, int64_t in, int64_t c0, int64
   }
 }
 
-// Rows [t0, t1) x columns [c0, c1) of y.
+// The AVX-512 tile computes the AVX2 tile's bits (Note [Batch-invariant
+// MatMul]) at twice the width: a 16-lane register holds the 8-lane
+// accumulators of two rows of x for one column of W, x[r][i:i+8] and
+// x[r+1][i:i+8] side by side, against w[c][i:i+8] broadcast to both halves.
+// Each half is the same lane-wise FMA chain, zero-filled tail and reduction,
+// so the choice of path (by CPU, at run time) never changes a bit; the build
+// stays x86-64-v3 and only these functions are compiled for AVX-512.
+#define RETORT_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl")))
+// GCC 12's AVX-512 headers build the cast/broadcast intrinsics from an
+// "undefined" vector and then warn about it.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+constexpr int64_t kWideRowPairs = 3;  // register tile: 6 rows x 8 columns
+constexpr int64_t kWideCols = 8;
+
+template <int RP, int C>
+RETORT_AVX512 void DenseTileAvx512(const float* x, const float* w, int64_t in, float* y, int64_t ldy) {
+  __m512 acc[RP][C];
+  for (int p = 0; p < RP; ++p)
+    for (int c = 0; c < C; ++c) acc[p][c] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= in; i += 8) {
+    __m512 xv[RP];
+    for (int p = 0; p < RP; ++p)
+      xv[p] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x + 2 * p * in + i)),
+                                 _mm256_loadu_ps(x + (2 * p + 1) * in + i), 1);
+    for (int c = 0; c < C; ++c) {
+      const __m512 wv = _mm512_broadcast_f32x8(_mm256_loadu_ps(w + c * in + i));
+      for (int p = 0; p < RP; ++p) acc[p][c] = _mm512_fmadd_ps(xv[p], wv, acc[p][c]);
+    }
+  }
+  if (i < in) {
+    const __mmask8 m = static_cast<__mmask8>((1u << (in - i)) - 1);
+    __m512 xv[RP];
+    for (int p = 0; p < RP; ++p)
+      xv[p] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_maskz_loadu_ps(m, x + 2 * p * in + i)),
+                                 _mm256_maskz_loadu_ps(m, x + (2 * p + 1) * in + i), 1);
+    for (int c = 0; c < C; ++c) {
+      const __m512 wv = _mm512_broadcast_f32x8(_mm256_maskz_loadu_ps(m, w + c * in + i));
+      for (int p = 0; p < RP; ++p) acc[p][c] = _mm512_fmadd_ps(xv[p], wv, acc[p][c]);
+    }
+  }
+  for (int p = 0; p < RP; ++p)
+    for (int c = 0; c < C; ++c) {
+      y[2 * p * ldy + c] = ReduceLanes(_mm512_castps512_ps256(acc[p][c]));
+      y[(2 * p + 1) * ldy + c] = ReduceLanes(_mm512_extractf32x8_ps(acc[p][c], 1));
+    }
+}
+
+template <int C>
+RETORT_AVX512 void DenseTileAvx512Cols(const float* x, const float* w, int64_t in, float* y, int64_t ldy) {
+  DenseTileAvx512<kWideRowPairs, C>(x, w, in, y, ldy);
+}
+
+// 6 rows, columns [c0, c1).
+RETORT_AVX512 void DenseRowStripAvx512(const float* x, const float* w, int64_t in, int64_t c0, int64_t c1, float* y,
+                                       int64_t ldy) {
+  using Tile = void (*)(const float*, const float*, int64_t, float*, int64_t);
+  static constexpr Tile kByCols[kWideCols] = {nullptr,
+                                              DenseTileAvx512Cols<1>,
+                                              DenseTileAvx512Cols<2>,
+                                              DenseTileAvx512Cols<3>,
+                                              DenseTileAvx512Cols<4>,
+                                              DenseTileAvx512Cols<5>,
+                                              DenseTileAvx512Cols<6>,
+                                              DenseTileAvx512Cols<7>};
+  int64_t c = c0;
+  for (; c + kWideCols <= c1; c += kWideCols) DenseTileAvx512<kWideRowPairs, kWideCols>(x, w + c * in, in, y + c, ldy);
+  if (c < c1) kByCols[c1 - c](x, w + c * in, in, y + c, ldy);
+}
+
+#pragma GCC diagnostic pop
+#undef RETORT_AVX512
+
+bool CpuHasAvx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+}
+
+// Rows [t0, t1) x columns [c0, c1) of y; 6-row strips on AVX-512 when `wide`.
 void DenseBlock(const float* x, int64_t t0, int64_t t1, int64_t in, const float* w, int64_t c0, int64_t c1,
-                int64_t out, float* y) {
+                int64_t out, float* y, bool wide) {
   int64_t t = t0;
+  if (wide)
+    for (; t + 2 * kWideRowPairs <= t1; t += 2 * kWideRowPairs)
+      DenseRowStripAvx512(x + t * in, w, in, c0, c1, y + t * out, out);
   for (; t + kTileRows <= t1; t += kTileRows)
     DenseRowStrip<kTileRows>(x + t * in, w, in, c0, c1, y + t * out, out);
   if (t1 - t == 2) DenseRowStrip<2>(x + t * in, w, in, c0, c1, y + t * out, out);
@@ -112,8 +199,10 @@ void DenseBlock(const float* x, int64_t t0, int64_t t1, int64_t in, const float*
   return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
 
+bool CpuHasAvx512() { return false; }
+
 void DenseBlock(const float* x, int64_t t0, int64_t t1, int64_t in, const float* w, int64_t c0, int64_t c1,
-                int64_t out, float* y) {
+                int64_t out, float* y, bool /*wide*/) {
   for (int64_t t = t0; t < t1; ++t)
     for (int64_t c = c0; c < c1; ++c) y[t * out + c] = DenseDot(x + t * in, w + c * in, in);
 }
@@ -124,15 +213,18 @@ void DenseBlock(const float* x, int64_t t0, int64_t t1, int64_t in, const float*
 // in L2 while kBlockRows rows of x pass over it, 3 at a time from L1.
 constexpr int64_t kBlockRows = 48;
 constexpr int64_t kBlockCols = 64;
-// Below this many multiply-adds a matmul runs on the calling thread.
-constexpr int64_t kMinParallelMacs = 1 << 15;
+// Below this many multiply-adds a matmul runs on the calling thread: waking
+// the pool costs about what ~20 us of single-core work saves.
+constexpr int64_t kMinParallelMacs = 1 << 19;
 
 }  // namespace
 
 namespace internal {
 
-void MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y) {
+void MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y,
+                  MatMulPath path) {
   if (T == 0 || out == 0) return;
+  const bool wide = path == MatMulPath::kFastest && CpuHasAvx512();
   // Tiles are ordered column block major, so a thread's contiguous range of
   // tiles reuses one block of W across row blocks.
   const int64_t row_blocks = (T + kBlockRows - 1) / kBlockRows;
@@ -143,7 +235,7 @@ void MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const
     for (int64_t tile = b; tile < e; ++tile) {
       const int64_t cb = tile / row_blocks, rb = tile % row_blocks;
       DenseBlock(x, rb * kBlockRows, std::min(T, (rb + 1) * kBlockRows), in, w, cb * kBlockCols,
-                 std::min(out, (cb + 1) * kBlockCols), out, y);
+                 std::min(out, (cb + 1) * kBlockCols), out, y, wide);
     }
   });
 }
@@ -151,7 +243,7 @@ void MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const
 }  // namespace internal
 
 void MatMul(const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y) {
-  internal::MatMulOnPool(ThreadPool::Default(), x, T, in, w, out, y);
+  internal::MatMulOnPool(ThreadPool::Default(), x, T, in, w, out, y, internal::MatMulPath::kFastest);
 }
 
 void MatMulReference(const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y) {

@@ -1,7 +1,8 @@
 // CPU reference kernels: the numerical specification of retort's ops.
 //
 // Plain loops with fp32 accumulation; the matmuls have a fast path (a
-// register-tiled AVX2 kernel for dense f32 weights, a blocked MXFP4 kernel that
+// register-tiled AVX2 kernel for dense f32 weights, with AVX-512 tiles of
+// identical bits where the CPU has them, a blocked MXFP4 kernel that
 // decodes 32-value blocks in registers) tested against the plain loop. Both
 // matmuls are batch-invariant: row t of y has the same bits whatever the other
 // rows of x, T and the thread count (Note [Batch-invariant MatMul] in the .cc). All pointers are
@@ -59,8 +60,12 @@ float Softplus(float x);
 void SinkhornProject(float* m, int hc, int iters, float eps);
 
 namespace internal {
-// MatMul on an explicit pool (tests pin the thread count with it).
-void MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y);
+// Which tiles MatMul may use: kFastest picks AVX-512 tiles where the CPU has
+// them (the same bits as kAvx2; tests check it), kAvx2 never does.
+enum class MatMulPath { kFastest, kAvx2 };
+// MatMul on an explicit pool and path (tests pin the thread count with it).
+void MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y,
+                  MatMulPath path);
 void MxFp4MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const uint8_t* codes,
                        const uint8_t* scales, int64_t out, float* y);
 }  // namespace internal
