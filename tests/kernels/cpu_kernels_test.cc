@@ -44,7 +44,8 @@ TEST(CpuKernelsTest, MatMulIsExactOnIntegerInputsAtOddShapes) {
         MatMul(x.data(), T, in, w.data(), out, y.data());
         MatMulReference(x.data(), T, in, w.data(), out, r.data());
         for (int64_t i = 0; i < T * out; ++i)
-          ASSERT_EQ(y[i], r[i]) << "seed " << kSeed << " T=" << T << " in=" << in << " out=" << out << " at " << i;
+          ASSERT_EQ(y[i], r[i]) << "seed " << kSeed << " T=" << T << " in=" << in << " out=" << out
+                                << " at " << i;
         for (int64_t i = T * out; i < T * out + 16; ++i)
           ASSERT_EQ(y[i], kSentinel) << "write past y: T=" << T << " in=" << in << " out=" << out;
       }
@@ -72,7 +73,8 @@ TEST(CpuKernelsTest, MatMulMatchesReferenceOnOddShapes) {
             for (int64_t i = 0; i < in; ++i) abs_sum += std::fabs(x[t * in + i] * w[o * in + i]);
             const double bound = 2.0 * (in + 3) * std::ldexp(1.0, -24) * abs_sum;
             ASSERT_LE(std::fabs(y[t * out + o] - r[t * out + o]), bound)
-                << "seed " << kSeed << " T=" << T << " in=" << in << " out=" << out << " t=" << t << " o=" << o;
+                << "seed " << kSeed << " T=" << T << " in=" << in << " out=" << out << " t=" << t
+                << " o=" << o;
           }
       }
     }
@@ -84,8 +86,9 @@ TEST(CpuKernelsTest, MatMulMatchesReferenceOnOddShapes) {
 struct Shape {
   int64_t in, out;
 };
-constexpr Shape kInvarianceShapes[] = {{1, 1},    {7, 19},    {19, 7},    {8, 4},    {9, 5},   {111, 111},
-                                       {989, 19}, {111, 989}, {4096, 65}, {989, 131}, {4096, 7}, {33, 1}};
+constexpr Shape kInvarianceShapes[] = {{1, 1},     {7, 19},    {19, 7},   {8, 4},
+                                       {9, 5},     {111, 111}, {989, 19}, {111, 989},
+                                       {4096, 65}, {989, 131}, {4096, 7}, {33, 1}};
 
 // Every row of a batch must have exactly the bits it gets alone (T = 1), for
 // batches of several sizes whose other rows are random: each position of each
@@ -138,7 +141,8 @@ TEST(CpuKernelsTest, MatMulIsThreadCountInvariant) {
       std::vector<float> want(T * s.out), got(T * s.out);
       MatMul(x.data(), T, s.in, w.data(), s.out, want.data());
       for (auto& pool : pools) {
-        internal::MatMulOnPool(*pool, x.data(), T, s.in, w.data(), s.out, got.data(), internal::MatMulPath::kFastest);
+        internal::MatMulOnPool(*pool, x.data(), T, s.in, w.data(), s.out, got.data(),
+                               internal::MatMulPath::kFastest);
         ASSERT_EQ(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)), 0)
             << "seed " << kSeed << " in=" << s.in << " out=" << s.out << " T=" << T
             << " threads=" << pool->num_threads();
@@ -157,8 +161,10 @@ TEST(CpuKernelsTest, MatMulPathsAgreeBitwise) {
     for (int64_t T : {1, 5, 6, 7, 13, 48, 111}) {
       auto x = Random(rng, T * s.in);
       std::vector<float> fastest(T * s.out), avx2(T * s.out);
-      internal::MatMulOnPool(pool, x.data(), T, s.in, w.data(), s.out, fastest.data(), internal::MatMulPath::kFastest);
-      internal::MatMulOnPool(pool, x.data(), T, s.in, w.data(), s.out, avx2.data(), internal::MatMulPath::kAvx2);
+      internal::MatMulOnPool(pool, x.data(), T, s.in, w.data(), s.out, fastest.data(),
+                             internal::MatMulPath::kFastest);
+      internal::MatMulOnPool(pool, x.data(), T, s.in, w.data(), s.out, avx2.data(),
+                             internal::MatMulPath::kAvx2);
       ASSERT_EQ(std::memcmp(fastest.data(), avx2.data(), avx2.size() * sizeof(float)), 0)
           << "seed " << kSeed << " in=" << s.in << " out=" << s.out << " T=" << T;
     }
@@ -193,7 +199,8 @@ TEST(CpuKernelsTest, MxFp4MatMulIsBatchAndThreadCountInvariant) {
   std::uniform_int_distribution<int> byte(0, 255), sc(120, 130);
   std::vector<std::unique_ptr<ThreadPool>> pools;
   for (int workers : {0, 1, 2, 4}) pools.push_back(std::make_unique<ThreadPool>(workers));
-  for (const Shape& s : {Shape{32, 1}, Shape{32, 19}, Shape{224, 111}, Shape{992, 7}, Shape{4096, 65}}) {
+  for (const Shape& s :
+       {Shape{32, 1}, Shape{32, 19}, Shape{224, 111}, Shape{992, 7}, Shape{4096, 65}}) {
     std::vector<uint8_t> codes(s.out * s.in / 2), scales(s.out * s.in / 32);
     for (auto& c : codes) c = static_cast<uint8_t>(byte(rng));
     for (auto& v : scales) v = static_cast<uint8_t>(sc(rng));
@@ -207,7 +214,8 @@ TEST(CpuKernelsTest, MxFp4MatMulIsBatchAndThreadCountInvariant) {
             << "seed " << kSeed << " in=" << s.in << " out=" << s.out << " T=" << T << " row " << t;
       }
       for (auto& pool : pools) {
-        internal::MxFp4MatMulOnPool(*pool, x.data(), T, s.in, codes.data(), scales.data(), s.out, got.data());
+        internal::MxFp4MatMulOnPool(*pool, x.data(), T, s.in, codes.data(), scales.data(), s.out,
+                                    got.data());
         ASSERT_EQ(std::memcmp(y.data(), got.data(), y.size() * sizeof(float)), 0)
             << "seed " << kSeed << " in=" << s.in << " out=" << s.out << " T=" << T
             << " threads=" << pool->num_threads();

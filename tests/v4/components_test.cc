@@ -112,7 +112,8 @@ TEST(V4ComponentsTest, ASequencesLogitsDoNotDependOnItsBatchmates) {
       auto l = model->Step(ch);
       ASSERT_TRUE(l.ok()) << l.status();
       const std::vector<float> got(l->begin() + b_prompt.size() * V, l->end());
-      ASSERT_TRUE(got == alone[0]) << fixture << ": prefill logits of A moved (seed " << kSeed << ")";
+      ASSERT_TRUE(got == alone[0])
+          << fixture << ": prefill logits of A moved (seed " << kSeed << ")";
     }
     {
       std::vector<Model::Chunk> ch = {{c.get(), c_prompt}};
@@ -130,8 +131,8 @@ TEST(V4ComponentsTest, ASequencesLogitsDoNotDependOnItsBatchmates) {
       auto l = model->Step(ch);
       ASSERT_TRUE(l.ok()) << l.status();
       const std::vector<float> got(l->begin() + a_row * V, l->begin() + (a_row + 1) * V);
-      ASSERT_TRUE(got == alone[step + 1]) << fixture << ": decode step " << step << " logits of A moved (seed "
-                                          << kSeed << ")";
+      ASSERT_TRUE(got == alone[step + 1])
+          << fixture << ": decode step " << step << " logits of A moved (seed " << kSeed << ")";
     }
   }
 }

@@ -36,13 +36,15 @@ namespace {
 
 // Lanes [0, n) set, n in [0, 8].
 inline __m256i TailMask(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 // The fixed horizontal reduction of Note [Batch-invariant MatMul].
 inline float ReduceLanes(__m256 a) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));  // a_l + a_{l+4}
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));                                 // s0 + s2, s1 + s3
+  const __m128 s =
+      _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));  // a_l + a_{l+4}
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));                     // s0 + s2, s1 + s3
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
@@ -80,14 +82,23 @@ constexpr int64_t kTileCols = 4;
 
 // Columns [c0, c1) of R rows, 4 at a time, then the remainder.
 template <int R>
-void DenseRowStrip(const float* x, const float* w, int64_t in, int64_t c0, int64_t c1, float* y, int64_t ldy) {
+void DenseRowStrip(const float* x, const float* w, int64_t in, int64_t c0, int64_t c1, float* y,
+                   int64_t ldy) {
   int64_t c = c0;
-  for (; c + kTileCols <= c1; c += kTileCols) DenseTile<R, kTileCols>(x, w + c * in, in, y + c, ldy);
+  for (; c + kTileCols <= c1; c += kTileCols)
+    DenseTile<R, kTileCols>(x, w + c * in, in, y + c, ldy);
   switch (c1 - c) {
-    case 3: DenseTile<R, 3>(x, w + c * in, in, y + c, ldy); break;
-    case 2: DenseTile<R, 2>(x, w + c * in, in, y + c, ldy); break;
-    case 1: DenseTile<R, 1>(x, w + c * in, in, y + c, ldy); break;
-    default: break;
+    case 3:
+      DenseTile<R, 3>(x, w + c * in, in, y + c, ldy);
+      break;
+    case 2:
+      DenseTile<R, 2>(x, w + c * in, in, y + c, ldy);
+      break;
+    case 1:
+      DenseTile<R, 1>(x, w + c * in, in, y + c, ldy);
+      break;
+    default:
+      break;
   }
 }
 
@@ -109,7 +120,8 @@ constexpr int64_t kWideRowPairs = 3;  // register tile: 6 rows x 8 columns
 constexpr int64_t kWideCols = 8;
 
 template <int RP, int C>
-RETORT_AVX512 void DenseTileAvx512(const float* x, const float* w, int64_t in, float* y, int64_t ldy) {
+RETORT_AVX512 void DenseTileAvx512(const float* x, const float* w, int64_t in, float* y,
+                                   int64_t ldy) {
   __m512 acc[RP][C];
   for (int p = 0; p < RP; ++p)
     for (int c = 0; c < C; ++c) acc[p][c] = _mm512_setzero_ps();
@@ -128,8 +140,9 @@ RETORT_AVX512 void DenseTileAvx512(const float* x, const float* w, int64_t in, f
     const __mmask8 m = static_cast<__mmask8>((1u << (in - i)) - 1);
     __m512 xv[RP];
     for (int p = 0; p < RP; ++p)
-      xv[p] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_maskz_loadu_ps(m, x + 2 * p * in + i)),
-                                 _mm256_maskz_loadu_ps(m, x + (2 * p + 1) * in + i), 1);
+      xv[p] =
+          _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_maskz_loadu_ps(m, x + 2 * p * in + i)),
+                             _mm256_maskz_loadu_ps(m, x + (2 * p + 1) * in + i), 1);
     for (int c = 0; c < C; ++c) {
       const __m512 wv = _mm512_broadcast_f32x8(_mm256_maskz_loadu_ps(m, w + c * in + i));
       for (int p = 0; p < RP; ++p) acc[p][c] = _mm512_fmadd_ps(xv[p], wv, acc[p][c]);
@@ -143,13 +156,14 @@ RETORT_AVX512 void DenseTileAvx512(const float* x, const float* w, int64_t in, f
 }
 
 template <int C>
-RETORT_AVX512 void DenseTileAvx512Cols(const float* x, const float* w, int64_t in, float* y, int64_t ldy) {
+RETORT_AVX512 void DenseTileAvx512Cols(const float* x, const float* w, int64_t in, float* y,
+                                       int64_t ldy) {
   DenseTileAvx512<kWideRowPairs, C>(x, w, in, y, ldy);
 }
 
 // 6 rows, columns [c0, c1).
-RETORT_AVX512 void DenseRowStripAvx512(const float* x, const float* w, int64_t in, int64_t c0, int64_t c1, float* y,
-                                       int64_t ldy) {
+RETORT_AVX512 void DenseRowStripAvx512(const float* x, const float* w, int64_t in, int64_t c0,
+                                       int64_t c1, float* y, int64_t ldy) {
   using Tile = void (*)(const float*, const float*, int64_t, float*, int64_t);
   static constexpr Tile kByCols[kWideCols] = {nullptr,
                                               DenseTileAvx512Cols<1>,
@@ -160,7 +174,8 @@ RETORT_AVX512 void DenseRowStripAvx512(const float* x, const float* w, int64_t i
                                               DenseTileAvx512Cols<6>,
                                               DenseTileAvx512Cols<7>};
   int64_t c = c0;
-  for (; c + kWideCols <= c1; c += kWideCols) DenseTileAvx512<kWideRowPairs, kWideCols>(x, w + c * in, in, y + c, ldy);
+  for (; c + kWideCols <= c1; c += kWideCols)
+    DenseTileAvx512<kWideRowPairs, kWideCols>(x, w + c * in, in, y + c, ldy);
   if (c < c1) kByCols[c1 - c](x, w + c * in, in, y + c, ldy);
 }
 
@@ -174,8 +189,8 @@ bool CpuHasAvx512() {
 }
 
 // Rows [t0, t1) x columns [c0, c1) of y; 6-row strips on AVX-512 when `wide`.
-void DenseBlock(const float* x, int64_t t0, int64_t t1, int64_t in, const float* w, int64_t c0, int64_t c1,
-                int64_t out, float* y, bool wide) {
+void DenseBlock(const float* x, int64_t t0, int64_t t1, int64_t in, const float* w, int64_t c0,
+                int64_t c1, int64_t out, float* y, bool wide) {
   int64_t t = t0;
   if (wide)
     for (; t + 2 * kWideRowPairs <= t1; t += 2 * kWideRowPairs)
@@ -201,8 +216,8 @@ void DenseBlock(const float* x, int64_t t0, int64_t t1, int64_t in, const float*
 
 bool CpuHasAvx512() { return false; }
 
-void DenseBlock(const float* x, int64_t t0, int64_t t1, int64_t in, const float* w, int64_t c0, int64_t c1,
-                int64_t out, float* y, bool /*wide*/) {
+void DenseBlock(const float* x, int64_t t0, int64_t t1, int64_t in, const float* w, int64_t c0,
+                int64_t c1, int64_t out, float* y, bool /*wide*/) {
   for (int64_t t = t0; t < t1; ++t)
     for (int64_t c = c0; c < c1; ++c) y[t * out + c] = DenseDot(x + t * in, w + c * in, in);
 }
@@ -221,8 +236,8 @@ constexpr int64_t kMinParallelMacs = 1 << 19;
 
 namespace internal {
 
-void MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y,
-                  MatMulPath path) {
+void MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const float* w,
+                  int64_t out, float* y, MatMulPath path) {
   if (T == 0 || out == 0) return;
   const bool wide = path == MatMulPath::kFastest && CpuHasAvx512();
   // Tiles are ordered column block major, so a thread's contiguous range of
@@ -243,7 +258,8 @@ void MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const
 }  // namespace internal
 
 void MatMul(const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y) {
-  internal::MatMulOnPool(ThreadPool::Default(), x, T, in, w, out, y, internal::MatMulPath::kFastest);
+  internal::MatMulOnPool(ThreadPool::Default(), x, T, in, w, out, y,
+                         internal::MatMulPath::kFastest);
 }
 
 void MatMulReference(const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y) {
@@ -295,8 +311,8 @@ inline void DecodeBlock32Avx2(const uint8_t* codes16, float scale, __m256* w) {
 
 namespace internal {
 
-void MxFp4MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const uint8_t* codes,
-                       const uint8_t* scales, int64_t out, float* y) {
+void MxFp4MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in,
+                       const uint8_t* codes, const uint8_t* scales, int64_t out, float* y) {
   const int64_t blocks = in / 32;
   // Rows of W are split across threads. Each 32-value block is decoded once
   // into registers and applied to every row of x; products accumulate in
@@ -304,35 +320,37 @@ void MxFp4MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, 
   // (Note [Batch-invariant MatMul]): each y[t][o] is the same chain of FMAs
   // over the blocks in order and the same final reduction, whatever T and
   // however the rows of W are split.
-  pool.ParallelFor(out, std::max<int64_t>(1, 256 / std::max<int64_t>(1, T)), [&](int64_t o0, int64_t o1) {
+  pool.ParallelFor(
+      out, std::max<int64_t>(1, 256 / std::max<int64_t>(1, T)), [&](int64_t o0, int64_t o1) {
 #if defined(__AVX2__) && defined(__FMA__)
-    // 8-lane accumulators per row of x, kept as floats (std::vector<__m256>
-    // would drop the type's alignment attribute).
-    std::vector<float> accf(static_cast<size_t>(T) * 8 + 8);
-    float* acc_base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(accf.data()) + 31) & ~uintptr_t{31});
-    for (int64_t o = o0; o < o1; ++o) {
-      for (int64_t t = 0; t < T; ++t) _mm256_store_ps(acc_base + 8 * t, _mm256_setzero_ps());
-      const uint8_t* crow = codes + o * (in / 2);
-      const uint8_t* srow = scales + o * blocks;
-      for (int64_t b = 0; b < blocks; ++b) {
-        __m256 w[4];
-        DecodeBlock32Avx2(crow + b * 16, E8M0ToF32(srow[b]), w);
-        const float* xb = x + b * 32;
-        for (int64_t t = 0; t < T; ++t) {
-          const float* xt = xb + t * in;
-          __m256 a = _mm256_load_ps(acc_base + 8 * t);
-          a = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xt), a);
-          a = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xt + 8), a);
-          a = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xt + 16), a);
-          a = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xt + 24), a);
-          _mm256_store_ps(acc_base + 8 * t, a);
+        // 8-lane accumulators per row of x, kept as floats (std::vector<__m256>
+        // would drop the type's alignment attribute).
+        std::vector<float> accf(static_cast<size_t>(T) * 8 + 8);
+        float* acc_base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(accf.data()) + 31) &
+                                                   ~uintptr_t{31});
+        for (int64_t o = o0; o < o1; ++o) {
+          for (int64_t t = 0; t < T; ++t) _mm256_store_ps(acc_base + 8 * t, _mm256_setzero_ps());
+          const uint8_t* crow = codes + o * (in / 2);
+          const uint8_t* srow = scales + o * blocks;
+          for (int64_t b = 0; b < blocks; ++b) {
+            __m256 w[4];
+            DecodeBlock32Avx2(crow + b * 16, E8M0ToF32(srow[b]), w);
+            const float* xb = x + b * 32;
+            for (int64_t t = 0; t < T; ++t) {
+              const float* xt = xb + t * in;
+              __m256 a = _mm256_load_ps(acc_base + 8 * t);
+              a = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xt), a);
+              a = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xt + 8), a);
+              a = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xt + 16), a);
+              a = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xt + 24), a);
+              _mm256_store_ps(acc_base + 8 * t, a);
+            }
+          }
+          for (int64_t t = 0; t < T; ++t) {
+            const float* a = acc_base + 8 * t;
+            y[t * out + o] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+          }
         }
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        const float* a = acc_base + 8 * t;
-        y[t * out + o] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-      }
-    }
 #else
     std::vector<float> acc(static_cast<size_t>(T) * 8);
     alignas(64) float w[32];
@@ -356,7 +374,7 @@ void MxFp4MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, 
       }
     }
 #endif
-  });
+      });
 }
 
 }  // namespace internal

@@ -2,12 +2,13 @@
 //
 // Plain loops with fp32 accumulation; the matmuls have a fast path (a
 // register-tiled AVX2 kernel for dense f32 weights, with AVX-512 tiles of
-// identical bits where the CPU has them, a blocked MXFP4 kernel that
-// decodes 32-value blocks in registers) tested against the plain loop. Both
-// matmuls are batch-invariant: row t of y has the same bits whatever the other
-// rows of x, T and the thread count (Note [Batch-invariant MatMul] in the .cc). All pointers are
-// row-major and contiguous; shapes are given explicitly. Functions are
-// thread-safe and parallelise internally over the default ThreadPool.
+// identical bits where the CPU has them; a blocked MXFP4 kernel that decodes
+// 32-value blocks in registers) tested against the plain loop. Both matmuls
+// are batch-invariant: row t of y has the same bits whatever the other rows of
+// x, T and the thread count (Note [Batch-invariant MatMul] in the .cc). All
+// pointers are row-major and contiguous; shapes are given explicitly.
+// Functions are thread-safe and parallelise internally over the default
+// ThreadPool.
 #ifndef RETORT_MODEL_KERNELS_CPU_CPU_KERNELS_H_
 #define RETORT_MODEL_KERNELS_CPU_CPU_KERNELS_H_
 
@@ -64,10 +65,10 @@ namespace internal {
 // them (the same bits as kAvx2; tests check it), kAvx2 never does.
 enum class MatMulPath { kFastest, kAvx2 };
 // MatMul on an explicit pool and path (tests pin the thread count with it).
-void MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y,
-                  MatMulPath path);
-void MxFp4MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const uint8_t* codes,
-                       const uint8_t* scales, int64_t out, float* y);
+void MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const float* w,
+                  int64_t out, float* y, MatMulPath path);
+void MxFp4MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in,
+                       const uint8_t* codes, const uint8_t* scales, int64_t out, float* y);
 }  // namespace internal
 
 }  // namespace retort::cpu
