@@ -1,7 +1,9 @@
 // bench/cpu_matmul: GFLOP/s of the batch-invariant cpu::MatMul (y = x W^T)
 // beside OpenBLAS sgemm on the same shapes, for decode-sized and
 // prefill-sized T at the V4 models' projection shapes. The two are timed in
-// alternation (best of 5 rounds) so load from other processes hits both.
+// alternation (best of 5 rounds) so load from other processes hits both, with
+// a pause after sgemm: OpenBLAS's threads spin for ~0.1 s after a call and
+// would otherwise hold cores that the retort pool needs.
 //
 // OpenBLAS picks its kernel at run time (DYNAMIC_ARCH); the core it picked is
 // printed, since an unrecognised CPU falls back to a slow generic kernel
@@ -15,6 +17,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "model/kernels/cpu/cpu_kernels.h"
@@ -59,6 +62,7 @@ int main(int argc, char** argv) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.T, s.out, s.in, 1.0f, x.data(), s.in,
                     w.data(), s.in, 0.0f, y.data(), s.out);
       t_blas = std::min(t_blas, std::chrono::duration<double>(Clock::now() - t).count() / reps);
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
       t = Clock::now();
       for (int r = 0; r < reps; ++r)
         retort::cpu::MatMul(x.data(), s.T, s.in, w.data(), s.out, y.data());
