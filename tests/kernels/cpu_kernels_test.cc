@@ -1,12 +1,17 @@
-// CPU kernels: fast paths against their plain twins on odd shapes; Sinkhorn,
-// RoPE and the block decoders against hand-checkable properties.
+// CPU kernels: fast paths against their plain twins on odd shapes, and the
+// matmuls' batch invariance (a row's bits whatever the batch around it and the
+// thread count); Sinkhorn, RoPE and the block decoders against hand-checkable
+// properties.
 #include "model/kernels/cpu/cpu_kernels.h"
 
 #include <cmath>
+#include <cstring>
+#include <memory>
 #include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "model/base/thread_pool.h"
 #include "model/tensor/dtype.h"
 
 namespace retort::cpu {
@@ -21,19 +26,147 @@ std::vector<float> Random(std::mt19937_64& rng, size_t n, float scale = 1.0f) {
   return v;
 }
 
+// Small integers make every partial sum exact in fp32 (|sum| <= 4 * 4 * 4096
+// < 2^24), so any summation order gives the reference's bits: an indexing or
+// tail bug cannot hide inside a tolerance. Sentinels after y catch stray writes.
+TEST(CpuKernelsTest, MatMulIsExactOnIntegerInputsAtOddShapes) {
+  std::mt19937_64 rng(kSeed);
+  std::uniform_int_distribution<int> small(-4, 4);
+  constexpr float kSentinel = 12345.0f;
+  for (int64_t T : {1, 2, 3, 4, 7, 19, 111}) {
+    for (int64_t in : {0, 1, 7, 8, 9, 19, 111, 989, 4096}) {
+      for (int64_t out : {1, 3, 4, 5, 7, 19, 65, 111, 989}) {
+        if (T * in * out > (int64_t{1} << 26)) continue;
+        std::vector<float> x(T * in), w(out * in);
+        for (auto& v : x) v = static_cast<float>(small(rng));
+        for (auto& v : w) v = static_cast<float>(small(rng));
+        std::vector<float> y(T * out + 16, kSentinel), r(T * out);
+        MatMul(x.data(), T, in, w.data(), out, y.data());
+        MatMulReference(x.data(), T, in, w.data(), out, r.data());
+        for (int64_t i = 0; i < T * out; ++i)
+          ASSERT_EQ(y[i], r[i]) << "seed " << kSeed << " T=" << T << " in=" << in << " out=" << out
+                                << " at " << i;
+        for (int64_t i = T * out; i < T * out + 16; ++i)
+          ASSERT_EQ(y[i], kSentinel) << "write past y: T=" << T << " in=" << in << " out=" << out;
+      }
+    }
+  }
+}
+
+// Random floats against the plain loop. Both are within (in + 3) ulp-units of
+// sum |x_i w_i| of the exact value (first-order dot-product bound; MatMul's
+// 8 lanes of in/8 terms plus 3 reduction adds is tighter), so
+// |y - r| <= 2 (in + 3) 2^-24 sum |x_i w_i| bounds their difference.
 TEST(CpuKernelsTest, MatMulMatchesReferenceOnOddShapes) {
   std::mt19937_64 rng(kSeed);
-  for (int64_t T : {1, 7, 19}) {
-    for (int64_t in : {1, 7, 111}) {
-      for (int64_t out : {1, 19, 989}) {
+  for (int64_t T : {1, 2, 7, 19, 111}) {
+    for (int64_t in : {1, 7, 19, 111, 989, 4096}) {
+      for (int64_t out : {1, 7, 19, 111, 989}) {
+        if (T * in * out > (int64_t{1} << 26)) continue;
         auto x = Random(rng, T * in), w = Random(rng, out * in);
         std::vector<float> y(T * out), r(T * out);
         MatMul(x.data(), T, in, w.data(), out, y.data());
         MatMulReference(x.data(), T, in, w.data(), out, r.data());
-        for (int64_t i = 0; i < T * out; ++i)
-          ASSERT_NEAR(y[i], r[i], 1e-4f * (1 + std::sqrt(static_cast<float>(in))))
-              << "seed " << kSeed << " T=" << T << " in=" << in << " out=" << out;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t o = 0; o < out; ++o) {
+            double abs_sum = 0;
+            for (int64_t i = 0; i < in; ++i) abs_sum += std::fabs(x[t * in + i] * w[o * in + i]);
+            const double bound = 2.0 * (in + 3) * std::ldexp(1.0, -24) * abs_sum;
+            ASSERT_LE(std::fabs(y[t * out + o] - r[t * out + o]), bound)
+                << "seed " << kSeed << " T=" << T << " in=" << in << " out=" << out << " t=" << t
+                << " o=" << o;
+          }
       }
+    }
+  }
+}
+
+// Shapes for the invariance tests: `in` and `out` around the register tile
+// (3 x 4), the 8-lane step and the cache blocks (48 rows, 64 columns).
+struct Shape {
+  int64_t in, out;
+};
+constexpr Shape kInvarianceShapes[] = {{1, 1},     {7, 19},    {19, 7},   {8, 4},
+                                       {9, 5},     {111, 111}, {989, 19}, {111, 989},
+                                       {4096, 65}, {989, 131}, {4096, 7}, {33, 1}};
+
+// Every row of a batch must have exactly the bits it gets alone (T = 1), for
+// batches of several sizes whose other rows are random: each position of each
+// batch holds a row whose solo result is known.
+TEST(CpuKernelsTest, MatMulRowsAreBatchInvariant) {
+  std::mt19937_64 rng(kSeed);
+  for (const Shape& s : kInvarianceShapes) {
+    auto w = Random(rng, s.out * s.in);
+    for (int64_t T : {2, 3, 7, 19, 111}) {
+      auto x = Random(rng, T * s.in);
+      std::vector<float> y(T * s.out), solo(s.out);
+      MatMul(x.data(), T, s.in, w.data(), s.out, y.data());
+      for (int64_t t = 0; t < T; ++t) {
+        MatMul(x.data() + t * s.in, 1, s.in, w.data(), s.out, solo.data());
+        ASSERT_EQ(std::memcmp(solo.data(), y.data() + t * s.out, s.out * sizeof(float)), 0)
+            << "seed " << kSeed << " in=" << s.in << " out=" << s.out << " T=" << T << " row " << t;
+      }
+    }
+  }
+}
+
+// The same for a column: y[t][o] must not depend on which other rows of W
+// share the call (the MoE and grouped projections slice W by rows).
+TEST(CpuKernelsTest, MatMulColumnsAreInvariantToTheOtherWeightRows) {
+  std::mt19937_64 rng(kSeed);
+  for (const Shape& s : kInvarianceShapes) {
+    const int64_t T = 19;
+    auto x = Random(rng, T * s.in), w = Random(rng, s.out * s.in);
+    std::vector<float> y(T * s.out), col(T);
+    MatMul(x.data(), T, s.in, w.data(), s.out, y.data());
+    for (int64_t o = 0; o < s.out; ++o) {
+      MatMul(x.data(), T, s.in, w.data() + o * s.in, 1, col.data());
+      for (int64_t t = 0; t < T; ++t)
+        ASSERT_EQ(std::memcmp(&col[t], &y[t * s.out + o], sizeof(float)), 0)
+            << "seed " << kSeed << " in=" << s.in << " out=" << s.out << " t=" << t << " o=" << o;
+    }
+  }
+}
+
+// Pools of 1, 2, 3 and 5 threads (oversubscribing the machine is fine) must
+// all give the bits of the default pool.
+TEST(CpuKernelsTest, MatMulIsThreadCountInvariant) {
+  std::mt19937_64 rng(kSeed);
+  std::vector<std::unique_ptr<ThreadPool>> pools;
+  for (int workers : {0, 1, 2, 4}) pools.push_back(std::make_unique<ThreadPool>(workers));
+  for (const Shape& s : kInvarianceShapes) {
+    auto w = Random(rng, s.out * s.in);
+    for (int64_t T : {1, 19, 111}) {
+      auto x = Random(rng, T * s.in);
+      std::vector<float> want(T * s.out), got(T * s.out);
+      MatMul(x.data(), T, s.in, w.data(), s.out, want.data());
+      for (auto& pool : pools) {
+        internal::MatMulOnPool(*pool, x.data(), T, s.in, w.data(), s.out, got.data(),
+                               internal::MatMulPath::kFastest);
+        ASSERT_EQ(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)), 0)
+            << "seed " << kSeed << " in=" << s.in << " out=" << s.out << " T=" << T
+            << " threads=" << pool->num_threads();
+      }
+    }
+  }
+}
+
+// The AVX-512 tiles (where this CPU has them) must give the AVX2 tiles' bits,
+// so which machine ran a step never changes a sample.
+TEST(CpuKernelsTest, MatMulPathsAgreeBitwise) {
+  std::mt19937_64 rng(kSeed);
+  ThreadPool pool(1);
+  for (const Shape& s : kInvarianceShapes) {
+    auto w = Random(rng, s.out * s.in);
+    for (int64_t T : {1, 5, 6, 7, 13, 48, 111}) {
+      auto x = Random(rng, T * s.in);
+      std::vector<float> fastest(T * s.out), avx2(T * s.out);
+      internal::MatMulOnPool(pool, x.data(), T, s.in, w.data(), s.out, fastest.data(),
+                             internal::MatMulPath::kFastest);
+      internal::MatMulOnPool(pool, x.data(), T, s.in, w.data(), s.out, avx2.data(),
+                             internal::MatMulPath::kAvx2);
+      ASSERT_EQ(std::memcmp(fastest.data(), avx2.data(), avx2.size() * sizeof(float)), 0)
+          << "seed " << kSeed << " in=" << s.in << " out=" << s.out << " T=" << T;
     }
   }
 }
@@ -55,6 +188,37 @@ TEST(CpuKernelsTest, MxFp4MatMulMatchesDequantizedReference) {
         for (int64_t i = 0; i < T * out; ++i)
           ASSERT_NEAR(y[i], r[i], 1e-5f * (1 + std::fabs(r[i])) * std::sqrt(static_cast<float>(in)))
               << "seed " << kSeed << " T=" << T << " in=" << in << " out=" << out;
+      }
+    }
+  }
+}
+
+// MxFp4MatMul: each row alone, inside batches, and on pools of several sizes.
+TEST(CpuKernelsTest, MxFp4MatMulIsBatchAndThreadCountInvariant) {
+  std::mt19937_64 rng(kSeed);
+  std::uniform_int_distribution<int> byte(0, 255), sc(120, 130);
+  std::vector<std::unique_ptr<ThreadPool>> pools;
+  for (int workers : {0, 1, 2, 4}) pools.push_back(std::make_unique<ThreadPool>(workers));
+  for (const Shape& s :
+       {Shape{32, 1}, Shape{32, 19}, Shape{224, 111}, Shape{992, 7}, Shape{4096, 65}}) {
+    std::vector<uint8_t> codes(s.out * s.in / 2), scales(s.out * s.in / 32);
+    for (auto& c : codes) c = static_cast<uint8_t>(byte(rng));
+    for (auto& v : scales) v = static_cast<uint8_t>(sc(rng));
+    for (int64_t T : {2, 3, 7, 19, 111}) {
+      auto x = Random(rng, T * s.in);
+      std::vector<float> y(T * s.out), solo(s.out), got(T * s.out);
+      MxFp4MatMul(x.data(), T, s.in, codes.data(), scales.data(), s.out, y.data());
+      for (int64_t t = 0; t < T; ++t) {
+        MxFp4MatMul(x.data() + t * s.in, 1, s.in, codes.data(), scales.data(), s.out, solo.data());
+        ASSERT_EQ(std::memcmp(solo.data(), y.data() + t * s.out, s.out * sizeof(float)), 0)
+            << "seed " << kSeed << " in=" << s.in << " out=" << s.out << " T=" << T << " row " << t;
+      }
+      for (auto& pool : pools) {
+        internal::MxFp4MatMulOnPool(*pool, x.data(), T, s.in, codes.data(), scales.data(), s.out,
+                                    got.data());
+        ASSERT_EQ(std::memcmp(y.data(), got.data(), y.size() * sizeof(float)), 0)
+            << "seed " << kSeed << " in=" << s.in << " out=" << s.out << " T=" << T
+            << " threads=" << pool->num_threads();
       }
     }
   }

@@ -1,19 +1,29 @@
 // CPU reference kernels: the numerical specification of retort's ops.
 //
-// Plain loops with fp32 accumulation; the matmuls have a fast path (OpenBLAS
-// sgemm for dense f32 weights, a blocked MXFP4 kernel that decodes 32-value
-// blocks in registers) tested against the plain loop. All pointers are
-// row-major and contiguous; shapes are given explicitly. Functions are
-// thread-safe and parallelise internally over the default ThreadPool.
+// Plain loops with fp32 accumulation; the matmuls have a fast path (a
+// register-tiled AVX2 kernel for dense f32 weights, with AVX-512 tiles of
+// identical bits where the CPU has them; a blocked MXFP4 kernel that decodes
+// 32-value blocks in registers) tested against the plain loop. Both matmuls
+// are batch-invariant: row t of y has the same bits whatever the other rows of
+// x, T and the thread count (Note [Batch-invariant MatMul] in the .cc). All
+// pointers are row-major and contiguous; shapes are given explicitly.
+// Functions are thread-safe and parallelise internally over the default
+// ThreadPool.
 #ifndef RETORT_MODEL_KERNELS_CPU_CPU_KERNELS_H_
 #define RETORT_MODEL_KERNELS_CPU_CPU_KERNELS_H_
 
 #include <cstdint>
 
+namespace retort {
+class ThreadPool;
+}  // namespace retort
+
 namespace retort::cpu {
 
 // y[t, o] = sum_i x[t, i] * w[o, i]   (x: [T, in], w: [out, in], y: [T, out]).
-// Uses OpenBLAS sgemm.
+// Batch-invariant: y[t, o] depends only on x[t, :] and w[o, :], bit for bit.
+// (Not OpenBLAS, whose sgemm picks gemv for T = 1 and T- and thread-dependent
+// blockings otherwise; the learner's backward GEMMs stay on OpenBLAS.)
 void MatMul(const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y);
 // The same with plain loops (the specification MatMul is tested against).
 void MatMulReference(const float* x, int64_t T, int64_t in, const float* w, int64_t out, float* y);
@@ -21,7 +31,7 @@ void MatMulReference(const float* x, int64_t T, int64_t in, const float* w, int6
 // y = x W^T with W in MXFP4: codes [out, in/2] (two e2m1 per byte, low nibble
 // first), scales [out, in/32] E8M0. The weights are never expanded in memory:
 // each 32-value block is decoded into registers and consumed by all T rows of x.
-// in % 32 == 0.
+// in % 32 == 0. Batch-invariant like MatMul.
 void MxFp4MatMul(const float* x, int64_t T, int64_t in, const uint8_t* codes, const uint8_t* scales,
                  int64_t out, float* y);
 // Dequantizes MXFP4 to f32 [out, in] (reference / tests / QAT; not the hot path).
@@ -66,6 +76,17 @@ float Softplus(float x);
 // [i][j]): row softmax + eps, column normalise, then (iters-1) x (row, column)
 // normalisations, each dividing by (sum + eps).
 void SinkhornProject(float* m, int hc, int iters, float eps);
+
+namespace internal {
+// Which tiles MatMul may use: kFastest picks AVX-512 tiles where the CPU has
+// them (the same bits as kAvx2; tests check it), kAvx2 never does.
+enum class MatMulPath { kFastest, kAvx2 };
+// MatMul on an explicit pool and path (tests pin the thread count with it).
+void MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in, const float* w,
+                  int64_t out, float* y, MatMulPath path);
+void MxFp4MatMulOnPool(ThreadPool& pool, const float* x, int64_t T, int64_t in,
+                       const uint8_t* codes, const uint8_t* scales, int64_t out, float* y);
+}  // namespace internal
 
 }  // namespace retort::cpu
 
