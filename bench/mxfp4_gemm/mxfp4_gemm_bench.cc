@@ -199,6 +199,23 @@ void Run(bool quick) {
                     flops / (ttc * 1e-3) / 1e12, tb * 1e3, flops / (tb * 1e-3) / 1e12, tb / ttc,
                     maxdiff / std::max(maxabs, 1e-30));
       tc_rows.push_back(line);
+      // Each explicit tile at this M (TFLOP/s), to check the auto rule.
+      std::string per_tile = "    tiles TFLOP/s:";
+      const std::pair<const char*, cuda::MxFp4MmaTile> tiles[] = {{"128x256", cuda::MxFp4MmaTile::k128x256},
+                                                                 {"64x256", cuda::MxFp4MmaTile::k64x256},
+                                                                 {"64x128", cuda::MxFp4MmaTile::k64x128},
+                                                                 {"64x64", cuda::MxFp4MmaTile::k64x64}};
+      for (const auto& [tname, tile] : tiles) {
+        const double tt = TimeMs(stream.get(), reps, [&] {
+          const int c = turn4++ % copies4;
+          BENCH_CHECK(cuda::MxFp4MatMulTensorCore(dxbf.as<uint16_t>(), M, sh.in, codes[c].as<uint8_t>(),
+                                                  scales[c].as<uint8_t>(), sh.out, y.as<float>(), stream.get(), tile));
+        });
+        char cell[64];
+        std::snprintf(cell, sizeof(cell), "  %s %.1f", tname, flops / (tt * 1e-3) / 1e12);
+        per_tile += cell;
+      }
+      tc_rows.push_back(per_tile);
     }
   }
   std::printf("\ntensor-core kernel (MxFp4MatMulTensorCore, bf16 x, auto tile)\n");
@@ -259,9 +276,20 @@ void Run(bool quick) {
         });
         const double bytes = bytes_w + rows.size() * (2.0 * in + 4.0 * out);
         const double gbs = bytes / (t * 1e-3) / 1e9;
-        std::printf("%-8lld %7d | %9.1f %8.0f %5.0f%% %8.2f  (tensor cores, %lld rows)\n",
-                    static_cast<long long>(tokens), groups, t * 1e3, gbs, 100.0 * gbs / bw,
-                    2.0 * rows.size() * in * out / (t * 1e-3) / 1e12, static_cast<long long>(rows.size()));
+        std::printf("%-8lld %7d | %9.1f %8.0f %5.0f%% %8.2f  (tensor cores, %lld rows)", static_cast<long long>(tokens),
+                    groups, t * 1e3, gbs, 100.0 * gbs / bw, 2.0 * rows.size() * in * out / (t * 1e-3) / 1e12,
+                    static_cast<long long>(rows.size()));
+        for (cuda::MxFp4MmaTile tile : {cuda::MxFp4MmaTile::k128x256, cuda::MxFp4MmaTile::k64x256,
+                                        cuda::MxFp4MmaTile::k64x128, cuda::MxFp4MmaTile::k64x64}) {
+          const double tt = TimeMs(stream.get(), 3, [&] {
+            BENCH_CHECK(cuda::MxFp4GroupedMatMulTensorCore(
+                dxbf.as<uint16_t>(), in, dcodes.as<uint8_t>(), dscales.as<uint8_t>(), out, groups,
+                static_cast<int64_t>(rows.size()), doff.as<int32_t>(), dexp.as<int32_t>(), drows.as<int32_t>(),
+                dy.as<float>(), stream.get(), tile));
+          });
+          std::printf(" %.0fus", tt * 1e3);
+        }
+        std::printf("  [128x256 64x256 64x128 64x64]\n");
         continue;
       }
       const double t = TimeMs(stream.get(), 100, [&] {

@@ -83,7 +83,9 @@ const char* TileName(cuda::MxFp4MmaTile t) {
   switch (t) {
     case cuda::MxFp4MmaTile::kAuto: return "auto";
     case cuda::MxFp4MmaTile::k128x256: return "128x256";
+    case cuda::MxFp4MmaTile::k64x256: return "64x256";
     case cuda::MxFp4MmaTile::k64x128: return "64x128";
+    case cuda::MxFp4MmaTile::k64x64: return "64x64";
   }
   return "?";
 }
@@ -106,7 +108,8 @@ TEST(CudaMxFp4MmaTest, MatchesCpuTwinAtOddShapes) {
     cpu::MxFp4MatMul(p.x.data(), s.M, s.in, p.codes.data(), p.scales.data(), s.out, want.data());
     cpu::DequantizeMxFp4(p.codes.data(), p.scales.data(), s.out, s.in, w.data());
     auto dx = Up(p.xbf), dc = Up(p.codes), ds = Up(p.scales);
-    for (cuda::MxFp4MmaTile tile : {cuda::MxFp4MmaTile::k128x256, cuda::MxFp4MmaTile::k64x128}) {
+    for (cuda::MxFp4MmaTile tile : {cuda::MxFp4MmaTile::k128x256, cuda::MxFp4MmaTile::k64x256,
+                                    cuda::MxFp4MmaTile::k64x128, cuda::MxFp4MmaTile::k64x64}) {
       auto dy = Zeros(want.size() * 4);
       ASSERT_TRUE(cuda::MxFp4MatMulTensorCore(dx.as<uint16_t>(), s.M, s.in, dc.as<uint8_t>(), ds.as<uint8_t>(), s.out,
                                               dy.as<float>(), nullptr, tile)
@@ -146,8 +149,9 @@ TEST(CudaMxFp4MmaTest, GroupedOverExpertsWithPermutationMatchesCpuTwin) {
   const int groups = static_cast<int>(experts.size());
   const int64_t M = static_cast<int64_t>(rows.size());
   auto dx = Up(p.xbf), dc = Up(p.codes), ds = Up(p.scales), doff = Up(offsets), dexp = Up(experts), drows = Up(rows);
-  for (cuda::MxFp4MmaTile tile :
-       {cuda::MxFp4MmaTile::kAuto, cuda::MxFp4MmaTile::k128x256, cuda::MxFp4MmaTile::k64x128}) {
+  for (cuda::MxFp4MmaTile tile : {cuda::MxFp4MmaTile::kAuto, cuda::MxFp4MmaTile::k128x256,
+                                  cuda::MxFp4MmaTile::k64x256, cuda::MxFp4MmaTile::k64x128,
+                                  cuda::MxFp4MmaTile::k64x64}) {
     auto dy = Zeros(M * out * 4);
     // rows hint deliberately low for the explicit tiles: CTAs then loop over M tiles.
     const int64_t hint = tile == cuda::MxFp4MmaTile::kAuto ? M : groups;

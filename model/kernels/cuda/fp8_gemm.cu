@@ -48,11 +48,12 @@ __global__ void Fp8QuantizeKernel(const X* __restrict__ x, int64_t T, int64_t in
   const int64_t blocks = in / kBlock;
   if (w >= stride * blocks) return;
   const int64_t kb = w / stride, t = w % stride;
-  if (t >= T) {
-    if (lane == 0) scales[w] = 1.0f;  // padding column
+  const int64_t off = t * in + kb * kBlock + 4 * lane;
+  if (t >= T) {  // padding row: zero codes, unit scale
+    *reinterpret_cast<uint32_t*>(q + off) = 0;
+    if (lane == 0) scales[w] = 1.0f;
     return;
   }
-  const int64_t off = t * in + kb * kBlock + 4 * lane;
   const float4 v = Load4(x + off);
   const float amax = internal::WarpMax(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
   const float s = BlockScale(amax, rule);
@@ -151,8 +152,11 @@ absl::StatusOr<Fp8BlockGemm> Fp8BlockGemm::Create(int64_t T, int64_t in, int64_t
                                                   sizeof(void*)));
   const cudaDataType_t dtype = output == Fp8GemmOutput::kF32 ? CUDA_R_32F : CUDA_R_16BF;
   RETORT_LT_RETURN(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_8F_E4M3, in, out, in));
-  RETORT_LT_RETURN(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_8F_E4M3, in, T, in));
-  RETORT_LT_RETURN(cublasLtMatrixLayoutCreate(&plan->d, dtype, out, T, out));
+  // n = T padded to a multiple of 4: cuBLASLt 13.1 on sm_90 offers no
+  // block-scaled algorithm otherwise (seen for T = 1, 7, 19, 111, 989).
+  const int64_t n = Fp8ActScaleStride(T);
+  RETORT_LT_RETURN(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_8F_E4M3, in, n, in));
+  RETORT_LT_RETURN(cublasLtMatrixLayoutCreate(&plan->d, dtype, out, n, out));
   cublasLtMatmulPreference_t pref = nullptr;
   RETORT_LT_RETURN(cublasLtMatmulPreferenceCreate(&pref));
   const size_t ws = kWorkspaceBytes;

@@ -3,9 +3,13 @@
 //   W: e4m3 [out, in], one f32 scale per 128 x 128 block,
 //      w_scales [ceil(out/128), in/128] row-major (the checkpoint's order;
 //      E8M0 checkpoint scales are converted to f32 once, at load);
-//   x: e4m3 [T, in] quantized per 1 x 128 block along in by
+//   x: e4m3 [Tp, in] quantized per 1 x 128 block along in by
 //      Fp8QuantizeActivations, x_scales stored "outer-dim major":
-//      x_scales[kb * Fp8ActScaleStride(T) + t] (cuBLASLt's VEC128_32F order).
+//      x_scales[kb * Tp + t] (cuBLASLt's VEC128_32F order), where
+//      Tp = Fp8ActScaleStride(T) = T rounded up to a multiple of 4: rows
+//      T..Tp-1 are padding (zero codes, unit scales, written by the quantizer)
+//      because cuBLASLt has no block-scaled algorithm for other row counts;
+//   y: [Tp, out]; rows T..Tp-1 come out zero.
 // The product runs in cuBLASLt (CUDA 12.9+ on sm_90: A scale mode
 // BLK128x128_32F, B scale mode VEC128_32F, fp32 accumulation promoted per
 // 128-K block, no fast accumulation) — no hand-written kernel is needed.
@@ -26,8 +30,8 @@
 
 namespace retort::cuda {
 
-// Leading dimension of x_scales: T rounded up to a multiple of 4 (cuBLASLt
-// wants the scale rows 16-byte aligned).
+// Padded row count Tp of x_fp8 / y and leading dimension of x_scales: T
+// rounded up to a multiple of 4.
 inline int64_t Fp8ActScaleStride(int64_t T) { return (T + 3) / 4 * 4; }
 
 // How the per-block activation scale is chosen from the block's amax (floored
@@ -35,9 +39,9 @@ inline int64_t Fp8ActScaleStride(int64_t T) { return (T + 3) / 4 * 4; }
 // 448)) (V4 deployment, "scale_fmt ue8m0"). Either way |x / scale| <= 448.
 enum class Fp8ScaleRule { kAmax, kPow2 };
 
-// x [T, in] (f32, or bf16 bit patterns) -> x_fp8 [T, in] e4m3 (round to
-// nearest even, saturating) and x_scales [in/128, Fp8ActScaleStride(T)] f32
-// (padding columns are written as 1). in % 128 == 0. Equals the host's
+// x [T, in] (f32, or bf16 bit patterns) -> x_fp8 [Tp, in] e4m3 (round to
+// nearest even, saturating) and x_scales [in/128, Tp] f32 (padding rows:
+// zero codes, scale 1). in % 128 == 0. Equals the host's
 // F32ToE4M3(x / scale) bit for bit.
 [[nodiscard]] absl::Status Fp8QuantizeActivations(const float* x, int64_t T, int64_t in, Fp8ScaleRule rule,
                                                   uint8_t* x_fp8, float* x_scales, cudaStream_t stream);
@@ -61,7 +65,7 @@ class Fp8BlockGemm {
   // than sm_90, or a library before 12.9).
   [[nodiscard]] static absl::StatusOr<Fp8BlockGemm> Create(int64_t T, int64_t in, int64_t out, Fp8GemmOutput output);
 
-  // y: [T, out] f32 or bf16 as planned. Inputs as described at the top.
+  // y: [Tp, out] f32 or bf16 as planned. Inputs as described at the top.
   [[nodiscard]] absl::Status Run(const uint8_t* x_fp8, const float* x_scales, const uint8_t* w_fp8,
                                  const float* w_scales, void* y, cudaStream_t stream) const;
 

@@ -173,9 +173,14 @@ constexpr int kXRowBytes = kBk * 2;   // bf16
 constexpr int kCodeRowBytes = kBk / 2;
 constexpr int kScaleRowBytes = kBk / 32;
 
-template <int kMTiles, int kNTiles, int kWarpsM, int kWarpsN, int kStages>
+// kMinBlocks: CTAs per SM the register budget is capped for (launch bounds);
+// kHoldX: keep both k16 steps' x fragments of a 32-block in registers (else
+// re-read x per step); kUnrollB: unroll the 4-block loop of a stage.
+template <int kMTiles, int kNTiles, int kWarpsM, int kWarpsN, int kStages, int kMinBlocks, bool kHoldX,
+          bool kUnrollB>
 struct MmaConfig {
-  static constexpr int kM = kMTiles, kN = kNTiles, kWM = kWarpsM, kS = kStages;
+  static constexpr int kM = kMTiles, kN = kNTiles, kWM = kWarpsM, kS = kStages, kMinB = kMinBlocks;
+  static constexpr bool kHold = kHoldX, kUnroll = kUnrollB;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
   static constexpr int kBm = 16 * kMTiles * kWarpsM;  // token rows per CTA
   static constexpr int kBn = 8 * kNTiles * kWarpsN;   // output rows per CTA
@@ -184,8 +189,14 @@ struct MmaConfig {
   static constexpr int kStageBytes = kXBytes + kCodeBytes + kBn * kScaleRowBytes;
   static constexpr int kSmemBytes = kStages * kStageBytes + kBm * 4;  // + source row ids
 };
-using MmaLarge = MmaConfig<4, 8, 2, 4, 4>;  // 128 x 256, 8 warps of 64 x 64
-using MmaSmall = MmaConfig<2, 8, 2, 2, 4>;  // 64 x 128, 4 warps of 32 x 64
+// 128 x 256, 8 warps of 64 x 64, one CTA per SM (register-bound: 2 warps per scheduler).
+using MmaLarge = MmaConfig<4, 8, 2, 4, 4, 1, false, false>;
+// 64 x 256, 8 warps of 64 x 32 capped at 128 registers: two CTAs (16 warps) per SM.
+using MmaWide = MmaConfig<4, 4, 1, 8, 3, 2, false, false>;
+// 64 x 128, 4 warps of 32 x 64.
+using MmaSmall = MmaConfig<2, 8, 2, 2, 4, 2, false, false>;
+// 64 x 64, 4 warps of 32 x 32, three CTAs per SM: small groups / small M.
+using MmaTiny = MmaConfig<2, 4, 2, 2, 3, 3, true, true>;
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -231,30 +242,41 @@ __device__ __forceinline__ void MmaStage(const uint8_t* xs, const uint8_t* cs, c
                                          int n_row0, int lane, float (&acc)[Cfg::kM][Cfg::kN][4]) {
   const int g = lane >> 2, kq = lane & 3;
   const uint8_t* sb = reinterpret_cast<const uint8_t*>(ss);
-  // The block loop is not unrolled, and x is read once per k16 step t (the
-  // 16-byte read holds both steps' values, but keeping them would need 16
-  // more registers than the 64 x 64 warp tile leaves: ptxas spilled).
-#pragma unroll 1
+  // The Large tile's block loop is not unrolled and it re-reads x per k16
+  // step t (the 16-byte read holds both steps' values): hoisting or holding
+  // them would need more registers than its 64 x 64 warp tile leaves (ptxas
+  // spilled). Smaller warp tiles hold and unroll (kHold, kUnroll).
+#pragma unroll(Cfg::kUnroll ? 4 : 1)
   for (int b = 0; b < 4; ++b) {
     const int xchunk = ((b ^ (g & 1)) << 2) + kq;  // 16-byte chunk b*4+kq, swizzled by row parity
     const int cchunk = b ^ ((g >> 1) & 3);
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      // a0..a3 of step t = {row g reg 2t, row g+8 reg 2t, row g reg 2t+1, row g+8 reg 2t+1},
-      // reg m = (e_m, e_{m+4}) of the row's 8 values: 2t from (.x,.z) / (.y,.w) low halves, 2t+1 high.
-      uint32_t a[Cfg::kM][4];
+    // a0..a3 of step t = {row g reg 2t, row g+8 reg 2t, row g reg 2t+1, row g+8 reg 2t+1},
+    // reg m = (e_m, e_{m+4}) of the row's 8 values: 2t from (.x,.z) / (.y,.w) low halves, 2t+1 high.
+    uint32_t a[Cfg::kM][Cfg::kHold ? 8 : 4];
+    auto load_x = [&](int t) {
 #pragma unroll
       for (int i = 0; i < Cfg::kM; ++i) {
         const int r = x_row0 + i * 16 + g;
         const uint4 lo = *reinterpret_cast<const uint4*>(xs + r * kXRowBytes + xchunk * 16);
         const uint4 hi = *reinterpret_cast<const uint4*>(xs + (r + 8) * kXRowBytes + xchunk * 16);
-        const uint32_t l0 = t == 0 ? lo.x : lo.y, l1 = t == 0 ? lo.z : lo.w;
-        const uint32_t h0 = t == 0 ? hi.x : hi.y, h1 = t == 0 ? hi.z : hi.w;
-        a[i][0] = __byte_perm(l0, l1, 0x5410);
-        a[i][1] = __byte_perm(h0, h1, 0x5410);
-        a[i][2] = __byte_perm(l0, l1, 0x7632);
-        a[i][3] = __byte_perm(h0, h1, 0x7632);
+#pragma unroll
+        for (int tt = 0; tt < 2; ++tt) {
+          if (!Cfg::kHold && tt != t) continue;
+          const int o = Cfg::kHold ? 4 * tt : 0;
+          const uint32_t l0 = tt == 0 ? lo.x : lo.y, l1 = tt == 0 ? lo.z : lo.w;
+          const uint32_t h0 = tt == 0 ? hi.x : hi.y, h1 = tt == 0 ? hi.z : hi.w;
+          a[i][o + 0] = __byte_perm(l0, l1, 0x5410);
+          a[i][o + 1] = __byte_perm(h0, h1, 0x5410);
+          a[i][o + 2] = __byte_perm(l0, l1, 0x7632);
+          a[i][o + 3] = __byte_perm(h0, h1, 0x7632);
+        }
       }
+    };
+    if (Cfg::kHold) load_x(-1);
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      if (!Cfg::kHold) load_x(t);
+      const int o = Cfg::kHold ? 4 * t : 0;
 #pragma unroll
       for (int j = 0; j < Cfg::kN; ++j) {
         const int n = n_row0 + j * 8 + g;
@@ -273,7 +295,8 @@ __device__ __forceinline__ void MmaStage(const uint8_t* xs, const uint8_t* cs, c
           b1 = MulBf16x2(MulBf16x2(b1, m1), m2);
         }
 #pragma unroll
-        for (int i = 0; i < Cfg::kM; ++i) MmaBf16(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
+        for (int i = 0; i < Cfg::kM; ++i)
+          MmaBf16(acc[i][j], a[i][o + 0], a[i][o + 1], a[i][o + 2], a[i][o + 3], b0, b1);
       }
     }
   }
@@ -285,7 +308,7 @@ __device__ __forceinline__ uint32_t WideScaleBytes(uint32_t v) {
 }
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) MxFp4MmaKernel(
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinB) MxFp4MmaKernel(
     const uint16_t* __restrict__ x, int64_t in, const uint8_t* __restrict__ codes, const uint8_t* __restrict__ scales,
     int64_t out, const int32_t* __restrict__ group_offsets, const int32_t* __restrict__ group_expert,
     const int32_t* __restrict__ row_index, int64_t single_rows, float* __restrict__ y) {
@@ -436,9 +459,15 @@ absl::Status DispatchMma(MxFp4MmaTile tile, const uint16_t* x, int64_t in, const
     // The 128 x 256 tile once it fills every multiprocessor at least once.
     const int64_t large_ctas = groups * ((rows_per_group + MmaLarge::kBm - 1) / MmaLarge::kBm) *
                                ((out + MmaLarge::kBn - 1) / MmaLarge::kBn);
-    tile = large_ctas >= SmCount() ? MxFp4MmaTile::k128x256 : MxFp4MmaTile::k64x128;
+    tile = large_ctas >= SmCount() ? MxFp4MmaTile::k128x256 : MxFp4MmaTile::k64x64;
   }
   switch (tile) {
+    case MxFp4MmaTile::k64x256:
+      return LaunchMma<MmaWide>(x, in, codes, scales, out, groups, rows_per_group, group_offsets, group_expert,
+                                row_index, single_rows, y, stream);
+    case MxFp4MmaTile::k64x64:
+      return LaunchMma<MmaTiny>(x, in, codes, scales, out, groups, rows_per_group, group_offsets, group_expert,
+                                row_index, single_rows, y, stream);
     case MxFp4MmaTile::k128x256:
       return LaunchMma<MmaLarge>(x, in, codes, scales, out, groups, rows_per_group, group_offsets, group_expert,
                                  row_index, single_rows, y, stream);

@@ -59,7 +59,7 @@ inline constexpr int64_t kMxFp4TensorCoreMinRows = 64;
 
 // CTA tile of the tensor-core kernels; kAuto picks by the rule above. The
 // explicit tiles exist for tests and benchmarks.
-enum class MxFp4MmaTile { kAuto, k128x256, k64x128 };
+enum class MxFp4MmaTile { kAuto, k128x256, k64x256, k64x128, k64x64 };
 
 // y [T, out] f32 = x [T, in] (bf16 bit patterns) W^T. in % 128 == 0 (else
 // InvalidArgument); any out >= 1 and T >= 0. x and codes 16-byte aligned,
