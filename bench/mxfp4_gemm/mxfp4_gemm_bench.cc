@@ -204,7 +204,8 @@ void Run(bool quick) {
       const std::pair<const char*, cuda::MxFp4MmaTile> tiles[] = {{"128x256", cuda::MxFp4MmaTile::k128x256},
                                                                  {"64x256", cuda::MxFp4MmaTile::k64x256},
                                                                  {"64x128", cuda::MxFp4MmaTile::k64x128},
-                                                                 {"64x64", cuda::MxFp4MmaTile::k64x64}};
+                                                                 {"64x64", cuda::MxFp4MmaTile::k64x64},
+                                                                 {"128x256smem", cuda::MxFp4MmaTile::k128x256SmemDecode}};
       for (const auto& [tname, tile] : tiles) {
         const double tt = TimeMs(stream.get(), reps, [&] {
           const int c = turn4++ % copies4;
@@ -280,7 +281,8 @@ void Run(bool quick) {
                     groups, t * 1e3, gbs, 100.0 * gbs / bw, 2.0 * rows.size() * in * out / (t * 1e-3) / 1e12,
                     static_cast<long long>(rows.size()));
         for (cuda::MxFp4MmaTile tile : {cuda::MxFp4MmaTile::k128x256, cuda::MxFp4MmaTile::k64x256,
-                                        cuda::MxFp4MmaTile::k64x128, cuda::MxFp4MmaTile::k64x64}) {
+                                        cuda::MxFp4MmaTile::k64x128, cuda::MxFp4MmaTile::k64x64,
+                                        cuda::MxFp4MmaTile::k128x256SmemDecode}) {
           const double tt = TimeMs(stream.get(), 3, [&] {
             BENCH_CHECK(cuda::MxFp4GroupedMatMulTensorCore(
                 dxbf.as<uint16_t>(), in, dcodes.as<uint8_t>(), dscales.as<uint8_t>(), out, groups,
@@ -289,7 +291,7 @@ void Run(bool quick) {
           });
           std::printf(" %.0fus", tt * 1e3);
         }
-        std::printf("  [128x256 64x256 64x128 64x64]\n");
+        std::printf("  [128x256 64x256 64x128 64x64 128x256smem]\n");
         continue;
       }
       const double t = TimeMs(stream.get(), 100, [&] {

@@ -86,6 +86,7 @@ const char* TileName(cuda::MxFp4MmaTile t) {
     case cuda::MxFp4MmaTile::k64x256: return "64x256";
     case cuda::MxFp4MmaTile::k64x128: return "64x128";
     case cuda::MxFp4MmaTile::k64x64: return "64x64";
+    case cuda::MxFp4MmaTile::k128x256SmemDecode: return "128x256smem";
   }
   return "?";
 }
@@ -109,7 +110,8 @@ TEST(CudaMxFp4MmaTest, MatchesCpuTwinAtOddShapes) {
     cpu::DequantizeMxFp4(p.codes.data(), p.scales.data(), s.out, s.in, w.data());
     auto dx = Up(p.xbf), dc = Up(p.codes), ds = Up(p.scales);
     for (cuda::MxFp4MmaTile tile : {cuda::MxFp4MmaTile::k128x256, cuda::MxFp4MmaTile::k64x256,
-                                    cuda::MxFp4MmaTile::k64x128, cuda::MxFp4MmaTile::k64x64}) {
+                                    cuda::MxFp4MmaTile::k64x128, cuda::MxFp4MmaTile::k64x64,
+                                    cuda::MxFp4MmaTile::k128x256SmemDecode}) {
       auto dy = Zeros(want.size() * 4);
       ASSERT_TRUE(cuda::MxFp4MatMulTensorCore(dx.as<uint16_t>(), s.M, s.in, dc.as<uint8_t>(), ds.as<uint8_t>(), s.out,
                                               dy.as<float>(), nullptr, tile)
@@ -151,7 +153,7 @@ TEST(CudaMxFp4MmaTest, GroupedOverExpertsWithPermutationMatchesCpuTwin) {
   auto dx = Up(p.xbf), dc = Up(p.codes), ds = Up(p.scales), doff = Up(offsets), dexp = Up(experts), drows = Up(rows);
   for (cuda::MxFp4MmaTile tile : {cuda::MxFp4MmaTile::kAuto, cuda::MxFp4MmaTile::k128x256,
                                   cuda::MxFp4MmaTile::k64x256, cuda::MxFp4MmaTile::k64x128,
-                                  cuda::MxFp4MmaTile::k64x64}) {
+                                  cuda::MxFp4MmaTile::k64x64, cuda::MxFp4MmaTile::k128x256SmemDecode}) {
     auto dy = Zeros(M * out * 4);
     // rows hint deliberately low for the explicit tiles: CTAs then loop over M tiles.
     const int64_t hint = tile == cuda::MxFp4MmaTile::kAuto ? M : groups;

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "model/kernels/cuda/cuda_runtime.cuh"
@@ -177,17 +178,19 @@ constexpr int kScaleRowBytes = kBk / 32;
 // kHoldX: keep both k16 steps' x fragments of a 32-block in registers (else
 // re-read x per step); kUnrollB: unroll the 4-block loop of a stage.
 template <int kMTiles, int kNTiles, int kWarpsM, int kWarpsN, int kStages, int kMinBlocks, bool kHoldX,
-          bool kUnrollB>
+          bool kUnrollB, bool kSmemBDecode = false>
 struct MmaConfig {
   static constexpr int kM = kMTiles, kN = kNTiles, kWM = kWarpsM, kS = kStages, kMinB = kMinBlocks;
-  static constexpr bool kHold = kHoldX, kUnroll = kUnrollB;
+  static constexpr bool kHold = kHoldX, kUnroll = kUnrollB, kSmemB = kSmemBDecode;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
   static constexpr int kBm = 16 * kMTiles * kWarpsM;  // token rows per CTA
   static constexpr int kBn = 8 * kNTiles * kWarpsN;   // output rows per CTA
   static constexpr int kXBytes = kBm * kXRowBytes;
   static constexpr int kCodeBytes = kBn * kCodeRowBytes;
   static constexpr int kStageBytes = kXBytes + kCodeBytes + kBn * kScaleRowBytes;
-  static constexpr int kSmemBytes = kStages * kStageBytes + kBm * 4;  // + source row ids
+  // kSmemB: two buffers of one decoded 32-k block, [kBn][32] bf16 (64 B rows).
+  static constexpr int kDecBytes = kSmemBDecode ? 2 * kBn * 64 : 0;
+  static constexpr int kSmemBytes = kStages * kStageBytes + kDecBytes + kBm * 4;  // + source row ids
 };
 // 128 x 256, 8 warps of 64 x 64, one CTA per SM (register-bound: 2 warps per scheduler).
 using MmaLarge = MmaConfig<4, 8, 2, 4, 4, 1, false, false>;
@@ -197,6 +200,9 @@ using MmaWide = MmaConfig<4, 4, 1, 8, 3, 2, false, false>;
 using MmaSmall = MmaConfig<2, 8, 2, 2, 4, 2, false, false>;
 // 64 x 64, 4 warps of 32 x 32, three CTAs per SM: small groups / small M.
 using MmaTiny = MmaConfig<2, 4, 2, 2, 3, 3, true, true>;
+// 128 x 256 with W decoded once per CTA into shared memory (Note [MXFP4 MMA
+// smem decode]), 3 stages.
+using MmaLargeSmem = MmaConfig<4, 8, 2, 4, 3, 1, false, false, true>;
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -302,6 +308,81 @@ __device__ __forceinline__ void MmaStage(const uint8_t* xs, const uint8_t* cs, c
   }
 }
 
+// Note [MXFP4 MMA smem decode]: the kSmemB tiles decode each 32-k block of
+// the W tile ONCE per CTA (thread n of the CTA: output row n, 16 code bytes
+// -> 32 bf16 in natural k order) into a double-buffered [kBn][32] bf16 tile,
+// and both operands then go through ldmatrix in natural k order (no
+// permutation, no PRMT on x). Per HMMA that is ~1.5 decode instructions
+// instead of ~3 when every warp decodes its own fragments (the W columns of
+// a 128-row CTA are shared by its two warp rows). Decoded rows: chunk q of
+// row n at q ^ ((n >> 1) & 3); x rows: chunk c of row r at c ^ (r & 7) (the
+// 8 rows of one 8x8 ldmatrix then hit 8 distinct bank groups).
+__device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+// Thread n decodes block b of output row n (n < kBn) into dec.
+template <class Cfg>
+__device__ __forceinline__ void DecodeBlockToSmem(const uint8_t* cs, const uint8_t* sb, int b, uint8_t* dec, int n) {
+  const uint4 q = *reinterpret_cast<const uint4*>(cs + n * kCodeRowBytes + ((b ^ ((n >> 1) & 3)) * 16));
+  const uint32_t e = sb[n * kScaleRowBytes + b];
+  uint32_t m1, m2 = 0x3F803F80u;
+  if (e <= 128u) {
+    m1 = (e + 126u) * 0x00800080u;
+  } else {
+    m1 = 254u * 0x00800080u;
+    m2 = e == 255u ? 0x7FC07FC0u : (e - 1u) * 0x00800080u;
+  }
+  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+  auto decode = [&](auto wide) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const uint32_t w = words[c];
+      uint32_t r[4] = {E2M1PairBits<0>(w), E2M1PairBits<1>(w), E2M1PairBits<2>(w), E2M1PairBits<3>(w)};
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        r[m] = MulBf16x2(r[m], m1);
+        if constexpr (decltype(wide)::value) r[m] = MulBf16x2(r[m], m2);
+      }
+      // r[m] = (k m, k m+4) of this word's 8 values; natural pairs (k 2p, 2p+1):
+      const uint4 v = make_uint4(__byte_perm(r[0], r[1], 0x5410), __byte_perm(r[2], r[3], 0x5410),
+                                 __byte_perm(r[0], r[1], 0x7632), __byte_perm(r[2], r[3], 0x7632));
+      *reinterpret_cast<uint4*>(dec + n * 64 + ((c ^ ((n >> 1) & 3)) * 16)) = v;
+    }
+  };
+  // Warp-uniform choice: scale bytes > 128 need the second multiply.
+  if (__any_sync(0xffffffffu, e > 128u))
+    decode(std::true_type{});
+  else
+    decode(std::false_type{});
+}
+
+// MMAs of one decoded 32-k block b for one warp (ldmatrix for x and W).
+template <class Cfg>
+__device__ __forceinline__ void MmaBlockFromSmem(const uint8_t* xs, const uint8_t* dec, int b, int x_row0, int n_row0,
+                                                 int lane, float (&acc)[Cfg::kM][Cfg::kN][4]) {
+  uint32_t bw[Cfg::kN][4];
+#pragma unroll
+  for (int j = 0; j < Cfg::kN; ++j) {
+    const int n = n_row0 + j * 8 + (lane & 7), q = lane >> 3;
+    LdMatrixX4(SmemAddr(dec + n * 64 + ((q ^ ((n >> 1) & 3)) * 16)), bw[j][0], bw[j][1], bw[j][2], bw[j][3]);
+  }
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {
+#pragma unroll
+    for (int i = 0; i < Cfg::kM; ++i) {
+      const int r = x_row0 + i * 16 + (lane & 15);
+      const int c = 4 * b + 2 * t + (lane >> 4);
+      uint32_t a0, a1, a2, a3;
+      LdMatrixX4(SmemAddr(xs + r * kXRowBytes + ((c ^ (r & 7)) * 16)), a0, a1, a2, a3);
+#pragma unroll
+      for (int j = 0; j < Cfg::kN; ++j) MmaBf16(acc[i][j], a0, a1, a2, a3, bw[j][2 * t], bw[j][2 * t + 1]);
+    }
+  }
+}
+
 // True when some E8M0 byte of the word exceeds 128 (needs the two-multiply decode).
 __device__ __forceinline__ uint32_t WideScaleBytes(uint32_t v) {
   return (v & 0x80808080u) & ((v & 0x7f7f7f7fu) + 0x7f7f7f7fu);
@@ -312,8 +393,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinB) MxFp4MmaKernel(
     const uint16_t* __restrict__ x, int64_t in, const uint8_t* __restrict__ codes, const uint8_t* __restrict__ scales,
     int64_t out, const int32_t* __restrict__ group_offsets, const int32_t* __restrict__ group_expert,
     const int32_t* __restrict__ row_index, int64_t single_rows, float* __restrict__ y) {
+  static_assert(!Cfg::kSmemB || (!Cfg::kHold && !Cfg::kUnroll && Cfg::kBn <= Cfg::kThreads),
+                "the smem-decode path has its own block loop and one decoding thread per output row");
   extern __shared__ __align__(128) uint8_t smem[];
-  int32_t* row_src = reinterpret_cast<int32_t*>(smem + Cfg::kS * Cfg::kStageBytes);
+  int32_t* row_src = reinterpret_cast<int32_t*>(smem + Cfg::kS * Cfg::kStageBytes + Cfg::kDecBytes);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp % Cfg::kWM, warp_n = warp / Cfg::kWM;
   const int g = blockIdx.z;
@@ -342,7 +425,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinB) MxFp4MmaKernel(
         const int r = i >> 4, c = i & 15;
         const int32_t src = row_src[r];
         const uint16_t* p = x + (src >= 0 ? static_cast<int64_t>(src) * in + k0 + c * 8 : 0);
-        CpAsync16(SmemAddr(xs + r * kXRowBytes + ((c ^ ((r & 1) << 2)) * 16)), p, src >= 0);
+        const int pc = Cfg::kSmemB ? (c ^ (r & 7)) : (c ^ ((r & 1) << 2));
+        CpAsync16(SmemAddr(xs + r * kXRowBytes + pc * 16), p, src >= 0);
       }
 #pragma unroll 1
       for (int i = tid; i < Cfg::kBn * 4; i += Cfg::kThreads) {
@@ -380,13 +464,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinB) MxFp4MmaKernel(
       const uint8_t* xs = smem + (kt % Cfg::kS) * Cfg::kStageBytes;
       const uint8_t* cs = xs + Cfg::kXBytes;
       const uint32_t* ss = reinterpret_cast<const uint32_t*>(cs + Cfg::kCodeBytes);
-      uint32_t wide = 0;
+      if constexpr (Cfg::kSmemB) {
+        // [decode 0] sync [decode 1 | mma 0] sync [decode 2 | mma 1] sync [decode 3 | mma 2] sync [mma 3];
+        // the next stage's decode 0 (buffer 0) follows the sync after mma 2.
+        uint8_t* dec = smem + Cfg::kS * Cfg::kStageBytes;
+        const uint8_t* sb = reinterpret_cast<const uint8_t*>(ss);
+        if (tid < Cfg::kBn) DecodeBlockToSmem<Cfg>(cs, sb, 0, dec, tid);
+        __syncthreads();
+#pragma unroll 1
+        for (int b = 0; b < 4; ++b) {
+          if (b < 3 && tid < Cfg::kBn) DecodeBlockToSmem<Cfg>(cs, sb, b + 1, dec + ((b + 1) & 1) * Cfg::kBn * 64, tid);
+          MmaBlockFromSmem<Cfg>(xs, dec + (b & 1) * Cfg::kBn * 64, b, x_row0, n_row0, lane, acc);
+          if (b < 3) __syncthreads();
+        }
+      } else {
+        uint32_t wide = 0;
 #pragma unroll
-      for (int j = 0; j < Cfg::kN; ++j) wide |= WideScaleBytes(ss[n_row0 + j * 8 + (lane >> 2)]);
-      if (__any_sync(0xffffffffu, wide != 0))
-        MmaStage<Cfg, true>(xs, cs, ss, x_row0, n_row0, lane, acc);
-      else
-        MmaStage<Cfg, false>(xs, cs, ss, x_row0, n_row0, lane, acc);
+        for (int j = 0; j < Cfg::kN; ++j) wide |= WideScaleBytes(ss[n_row0 + j * 8 + (lane >> 2)]);
+        if (__any_sync(0xffffffffu, wide != 0))
+          MmaStage<Cfg, true>(xs, cs, ss, x_row0, n_row0, lane, acc);
+        else
+          MmaStage<Cfg, false>(xs, cs, ss, x_row0, n_row0, lane, acc);
+      }
     }
     CpAsyncWait<0>();
 
@@ -456,12 +555,23 @@ absl::Status DispatchMma(MxFp4MmaTile tile, const uint16_t* x, int64_t in, const
                          const int32_t* group_expert, const int32_t* row_index, int64_t single_rows, float* y,
                          cudaStream_t stream) {
   if (tile == MxFp4MmaTile::kAuto) {
-    // The 128 x 256 tile once it fills every multiprocessor at least once.
-    const int64_t large_ctas = groups * ((rows_per_group + MmaLarge::kBm - 1) / MmaLarge::kBm) *
-                               ((out + MmaLarge::kBn - 1) / MmaLarge::kBn);
-    tile = large_ctas >= SmCount() ? MxFp4MmaTile::k128x256 : MxFp4MmaTile::k64x64;
+    // Measured on an H200 (bench/mxfp4_gemm, V4 expert shapes; see the rule
+    // in mxfp4.cuh): 128 x 256 wins once its grid fills ~all SMs and groups
+    // are >= 256 rows (its 128-row tiles are then full); else 64 x 256 once
+    // its grid fills ~all SMs; else 64 x 64 (more CTAs for a small grid).
+    auto ctas = [&](int64_t bm, int64_t bn) { return groups * ((rows_per_group + bm - 1) / bm) * ((out + bn - 1) / bn); };
+    const int64_t full = SmCount() * 9 / 10;
+    if (rows_per_group >= 256 && ctas(MmaLarge::kBm, MmaLarge::kBn) >= full)
+      tile = MxFp4MmaTile::k128x256;
+    else if (ctas(MmaWide::kBm, MmaWide::kBn) >= full)
+      tile = MxFp4MmaTile::k64x256;
+    else
+      tile = MxFp4MmaTile::k64x64;
   }
   switch (tile) {
+    case MxFp4MmaTile::k128x256SmemDecode:
+      return LaunchMma<MmaLargeSmem>(x, in, codes, scales, out, groups, rows_per_group, group_offsets, group_expert,
+                                     row_index, single_rows, y, stream);
     case MxFp4MmaTile::k64x256:
       return LaunchMma<MmaWide>(x, in, codes, scales, out, groups, rows_per_group, group_offsets, group_expert,
                                 row_index, single_rows, y, stream);

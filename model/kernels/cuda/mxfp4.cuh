@@ -20,11 +20,18 @@
 //    equals cpu::MxFp4MatMul on bf16-rounded x up to fp32 summation order.
 //    See Note [MXFP4 MMA layout] in mxfp4.cu.
 //
-// Dispatch rule (which M uses which kernel), rows = rows per expert group:
-//   rows <  kMxFp4TensorCoreMinRows  -> the CUDA-core kernels;
-//   rows >= kMxFp4TensorCoreMinRows  -> the tensor-core kernels, whose kAuto
-//   tile is 128 x 256 (tokens x outputs) when that grid fills every SM at
-//   least once, else 64 x 128.
+// Dispatch rule (which M uses which kernel), rows = rows per expert group,
+// measured on an H200 with bench/mxfp4_gemm at the V4 expert shapes:
+//   rows <  kMxFp4TensorCoreMinRows (16) -> the CUDA-core kernels (at 16 rows
+//     they take ~45 us for gate/up, the tensor-core kernel ~53 us at 16..256
+//     rows, where it is bound by the short grid, not by arithmetic);
+//   rows >= 16 -> the tensor-core kernels with tile (kAuto):
+//     128 x 256 when rows >= 256 and its grid covers >= 90% of the SMs
+//       (~230 TFLOP/s at M = 2048..8192, one CTA of 8 warps per SM);
+//     else 64 x 256 when its grid covers >= 90% of the SMs (two CTAs/SM;
+//       best at M ~ 512..1024 and for grouped experts of ~10..200 rows);
+//     else 64 x 64 (three CTAs/SM; M ~ 16..512 on one expert matrix).
+//   64 x 128 is kept for tests and benchmarks only.
 // bench/mxfp4_gemm measures both against cuBLAS bf16 on dequantized weights.
 #ifndef RETORT_MODEL_KERNELS_CUDA_MXFP4_CUH_
 #define RETORT_MODEL_KERNELS_CUDA_MXFP4_CUH_
@@ -55,11 +62,11 @@ namespace retort::cuda {
 
 // Rows per expert group from which the tensor-core kernels win (measured with
 // bench/mxfp4_gemm on an H200: see the dispatch rule above).
-inline constexpr int64_t kMxFp4TensorCoreMinRows = 64;
+inline constexpr int64_t kMxFp4TensorCoreMinRows = 16;
 
 // CTA tile of the tensor-core kernels; kAuto picks by the rule above. The
 // explicit tiles exist for tests and benchmarks.
-enum class MxFp4MmaTile { kAuto, k128x256, k64x256, k64x128, k64x64 };
+enum class MxFp4MmaTile { kAuto, k128x256, k64x256, k64x128, k64x64, k128x256SmemDecode };
 
 // y [T, out] f32 = x [T, in] (bf16 bit patterns) W^T. in % 128 == 0 (else
 // InvalidArgument); any out >= 1 and T >= 0. x and codes 16-byte aligned,
