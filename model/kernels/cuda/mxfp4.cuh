@@ -12,10 +12,12 @@
 //  - MxFp4MatMul / MxFp4GroupedMatMul: the decode (GEMV / small-M) path on
 //    CUDA cores, f32 x; it reads W once per 8 rows of x.
 //  - MxFp4MatMulTensorCore / MxFp4GroupedMatMulTensorCore: prefill-sized M on
-//    the tensor cores (mma.sync m16n8k16 bf16, fp32 accumulation). Code and
-//    scale tiles go to shared memory by cp.async (4 stages); each warp decodes
-//    its B fragments from the packed codes in registers (e2m1 x E8M0 -> bf16,
-//    exact) — dequantized weights never exist in global or shared memory.
+//    the tensor cores (mma.sync m16n8k16 bf16, fp32 accumulation). x, code
+//    and scale tiles go to shared memory by cp.async (3-4 stages); the
+//    codes are decoded e2m1 x E8M0 -> bf16 (exact) either by each warp into
+//    its own B fragments in registers, or (k128x256SmemDecode) once per CTA
+//    into a double-buffered 32-k slice of bf16 W in shared memory. Dequantized
+//    weights never exist in global memory.
 //    x is bf16: deployment numerics (activations are bf16 there); the result
 //    equals cpu::MxFp4MatMul on bf16-rounded x up to fp32 summation order.
 //    See Note [MXFP4 MMA layout] in mxfp4.cu.
