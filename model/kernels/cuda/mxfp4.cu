@@ -556,13 +556,13 @@ absl::Status DispatchMma(MxFp4MmaTile tile, const uint16_t* x, int64_t in, const
                          cudaStream_t stream) {
   if (tile == MxFp4MmaTile::kAuto) {
     // Measured on an H200 (bench/mxfp4_gemm, V4 expert shapes; see the rule
-    // in mxfp4.cuh): 128 x 256 wins once its grid fills ~all SMs and groups
-    // are >= 256 rows (its 128-row tiles are then full); else 64 x 256 once
-    // its grid fills ~all SMs; else 64 x 64 (more CTAs for a small grid).
+    // in mxfp4.cuh): the smem-decode 128 x 256 tile wins once its grid fills
+    // ~all SMs and groups are >= 128 rows; else 64 x 256 once its grid fills
+    // ~all SMs; else 64 x 64 (more CTAs for a small grid).
     auto ctas = [&](int64_t bm, int64_t bn) { return groups * ((rows_per_group + bm - 1) / bm) * ((out + bn - 1) / bn); };
     const int64_t full = SmCount() * 9 / 10;
-    if (rows_per_group >= 256 && ctas(MmaLarge::kBm, MmaLarge::kBn) >= full)
-      tile = MxFp4MmaTile::k128x256;
+    if (rows_per_group >= 128 && ctas(MmaLargeSmem::kBm, MmaLargeSmem::kBn) >= full)
+      tile = MxFp4MmaTile::k128x256SmemDecode;
     else if (ctas(MmaWide::kBm, MmaWide::kBn) >= full)
       tile = MxFp4MmaTile::k64x256;
     else

@@ -28,12 +28,13 @@
 //     they take ~45 us for gate/up, the tensor-core kernel ~53 us at 16..256
 //     rows, where it is bound by the short grid, not by arithmetic);
 //   rows >= 16 -> the tensor-core kernels with tile (kAuto):
-//     128 x 256 when rows >= 256 and its grid covers >= 90% of the SMs
-//       (~230 TFLOP/s at M = 2048..8192, one CTA of 8 warps per SM);
+//     k128x256SmemDecode when rows >= 128 and its grid covers >= 90% of the
+//       SMs (~245-253 TFLOP/s at M = 2048..8192; W decoded once per CTA);
 //     else 64 x 256 when its grid covers >= 90% of the SMs (two CTAs/SM;
-//       best at M ~ 512..1024 and for grouped experts of ~10..200 rows);
+//       best at M ~ 512..1024 and for grouped experts of ~10..100 rows);
 //     else 64 x 64 (three CTAs/SM; M ~ 16..512 on one expert matrix).
-//   64 x 128 is kept for tests and benchmarks only.
+//   128 x 256 (register decode, ~232 TFLOP/s at M = 8192) and 64 x 128 are
+//   kept for tests and benchmarks only.
 // bench/mxfp4_gemm measures both against cuBLAS bf16 on dequantized weights.
 #ifndef RETORT_MODEL_KERNELS_CUDA_MXFP4_CUH_
 #define RETORT_MODEL_KERNELS_CUDA_MXFP4_CUH_
