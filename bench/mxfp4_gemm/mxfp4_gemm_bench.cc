@@ -9,6 +9,10 @@
 // The two outputs are compared (max |diff| / max |y|) so a fast wrong kernel
 // cannot hide.
 //
+// The tensor-core kernel (bf16 x, MxFp4MatMulTensorCore) gets its own table
+// at M >= 64 with the same columns, bytes counting x as bf16 (2 B) and y f32,
+// and its grouped form a row per token count in the grouped table.
+//
 // Shapes: V4-Flash experts, hidden 4096, moe_intermediate 2048: the gate/up
 // projection (out 2048, in 4096) and the down projection (out 4096, in 2048).
 //
@@ -120,9 +124,10 @@ void Run(bool quick) {
     int64_t out, in;
   };
   const Shape shapes[] = {{"w1/w3 gate,up", 2048, 4096}, {"w2 down", 4096, 2048}};
-  std::vector<int64_t> ms = {1, 2, 4, 8, 16, 32, 64, 512, 1024, 2048, 4096, 8192};
-  if (quick) ms = {1, 8, 64, 512};
+  std::vector<int64_t> ms = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192};
+  if (quick) ms = {1, 8, 64, 512, 8192};
 
+  std::vector<std::string> tc_rows;
   std::printf("%-14s %6s | %9s %8s %6s %8s | %9s %8s | %7s | %9s\n", "matrix", "M", "mxfp4 us", "GB/s", "%HBM",
               "TFLOP/s", "bf16 us", "TFLOP/s", "speedup", "rel diff");
   for (const Shape& sh : shapes) {
@@ -175,8 +180,49 @@ void Run(bool quick) {
       std::printf("%-14s %6lld | %9.1f %8.0f %5.0f%% %8.2f | %9.1f %8.2f | %6.2fx | %9.1e\n", sh.name,
                   static_cast<long long>(M), t4 * 1e3, gbs, 100.0 * gbs / bw, flops / (t4 * 1e-3) / 1e12, tb * 1e3,
                   flops / (tb * 1e-3) / 1e12, tb / t4, maxdiff / std::max(maxabs, 1e-30));
+      if (M < 64) continue;
+      // Tensor-core kernel on the same (bf16) x.
+      const double ttc = TimeMs(stream.get(), reps, [&] {
+        const int c = turn4++ % copies4;
+        BENCH_CHECK(cuda::MxFp4MatMulTensorCore(dxbf.as<uint16_t>(), M, sh.in, codes[c].as<uint8_t>(),
+                                                scales[c].as<uint8_t>(), sh.out, y.as<float>(), stream.get()));
+      });
+      BENCH_CHECK(stream.Synchronize());
+      a = Value(cuda::Download<float>(y.get(), M * sh.out));
+      maxdiff = 0;
+      for (size_t i = 0; i < a.size(); ++i) maxdiff = std::max(maxdiff, static_cast<double>(std::fabs(a[i] - b[i])));
+      const double tc_bytes = sh.out * sh.in / 2.0 + sh.out * sh.in / 32.0 + 2.0 * M * sh.in + 4.0 * M * sh.out;
+      const double tc_gbs = tc_bytes / (ttc * 1e-3) / 1e9;
+      char line[256];
+      std::snprintf(line, sizeof(line), "%-14s %6lld | %9.1f %8.0f %5.0f%% %8.2f | %9.1f %8.2f | %6.2fx | %9.1e",
+                    sh.name, static_cast<long long>(M), ttc * 1e3, tc_gbs, 100.0 * tc_gbs / bw,
+                    flops / (ttc * 1e-3) / 1e12, tb * 1e3, flops / (tb * 1e-3) / 1e12, tb / ttc,
+                    maxdiff / std::max(maxabs, 1e-30));
+      tc_rows.push_back(line);
+      // Each explicit tile at this M (TFLOP/s), to check the auto rule.
+      std::string per_tile = "    tiles TFLOP/s:";
+      const std::pair<const char*, cuda::MxFp4MmaTile> tiles[] = {{"128x256", cuda::MxFp4MmaTile::k128x256},
+                                                                 {"64x256", cuda::MxFp4MmaTile::k64x256},
+                                                                 {"64x128", cuda::MxFp4MmaTile::k64x128},
+                                                                 {"64x64", cuda::MxFp4MmaTile::k64x64},
+                                                                 {"128x256smem", cuda::MxFp4MmaTile::k128x256SmemDecode}};
+      for (const auto& [tname, tile] : tiles) {
+        const double tt = TimeMs(stream.get(), reps, [&] {
+          const int c = turn4++ % copies4;
+          BENCH_CHECK(cuda::MxFp4MatMulTensorCore(dxbf.as<uint16_t>(), M, sh.in, codes[c].as<uint8_t>(),
+                                                  scales[c].as<uint8_t>(), sh.out, y.as<float>(), stream.get(), tile));
+        });
+        char cell[64];
+        std::snprintf(cell, sizeof(cell), "  %s %.1f", tname, flops / (tt * 1e-3) / 1e12);
+        per_tile += cell;
+      }
+      tc_rows.push_back(per_tile);
     }
   }
+  std::printf("\ntensor-core kernel (MxFp4MatMulTensorCore, bf16 x, auto tile)\n");
+  std::printf("%-14s %6s | %9s %8s %6s %8s | %9s %8s | %7s | %9s\n", "matrix", "M", "mma us", "GB/s", "%HBM",
+              "TFLOP/s", "bf16 us", "TFLOP/s", "speedup", "rel diff");
+  for (const std::string& r : tc_rows) std::printf("%s\n", r.c_str());
 
   // Grouped over experts as a decode step runs it: 256 stacked experts (gate/up
   // shape), tokens routed to 6 distinct experts each; bytes count only the
@@ -191,7 +237,8 @@ void Run(bool quick) {
     for (auto& v : scales) v = static_cast<uint8_t>(scale(rng));
     cuda::DeviceBuffer dcodes = Value(cuda::Upload(codes));
     cuda::DeviceBuffer dscales = Value(cuda::Upload(scales));
-    for (int64_t tokens : {1, 8, 64, 256}) {
+    for (int64_t tokens : {1, 8, 64, 256, 512, 2048, 8192}) {
+      if (quick && tokens > 512) break;
       // Route: 6 distinct experts per token, then group the (token, expert) pairs by expert.
       std::vector<std::vector<int32_t>> by_expert(E);
       for (int64_t t = 0; t < tokens; ++t) {
@@ -216,12 +263,43 @@ void Run(bool quick) {
       cuda::DeviceBuffer drows = Value(cuda::Upload(rows));
       cuda::DeviceBuffer dy = Value(cuda::DeviceBuffer::Allocate(rows.size() * out * sizeof(float)));
       const int groups = static_cast<int>(experts.size());
+      const double bytes_w = groups * (out * in / 2.0 + out * in / 32.0);
+      if (tokens >= 512) {
+        // Prefill: the tensor-core kernel on bf16 x (the CUDA-core one would take seconds here).
+        std::vector<uint16_t> xbf(x.size());
+        for (size_t i = 0; i < x.size(); ++i) xbf[i] = F32ToBf16(x[i]);
+        cuda::DeviceBuffer dxbf = Value(cuda::Upload(xbf));
+        const double t = TimeMs(stream.get(), 5, [&] {
+          BENCH_CHECK(cuda::MxFp4GroupedMatMulTensorCore(
+              dxbf.as<uint16_t>(), in, dcodes.as<uint8_t>(), dscales.as<uint8_t>(), out, groups,
+              static_cast<int64_t>(rows.size()), doff.as<int32_t>(), dexp.as<int32_t>(), drows.as<int32_t>(),
+              dy.as<float>(), stream.get()));
+        });
+        const double bytes = bytes_w + rows.size() * (2.0 * in + 4.0 * out);
+        const double gbs = bytes / (t * 1e-3) / 1e9;
+        std::printf("%-8lld %7d | %9.1f %8.0f %5.0f%% %8.2f  (tensor cores, %lld rows)", static_cast<long long>(tokens),
+                    groups, t * 1e3, gbs, 100.0 * gbs / bw, 2.0 * rows.size() * in * out / (t * 1e-3) / 1e12,
+                    static_cast<long long>(rows.size()));
+        for (cuda::MxFp4MmaTile tile : {cuda::MxFp4MmaTile::k128x256, cuda::MxFp4MmaTile::k64x256,
+                                        cuda::MxFp4MmaTile::k64x128, cuda::MxFp4MmaTile::k64x64,
+                                        cuda::MxFp4MmaTile::k128x256SmemDecode}) {
+          const double tt = TimeMs(stream.get(), 3, [&] {
+            BENCH_CHECK(cuda::MxFp4GroupedMatMulTensorCore(
+                dxbf.as<uint16_t>(), in, dcodes.as<uint8_t>(), dscales.as<uint8_t>(), out, groups,
+                static_cast<int64_t>(rows.size()), doff.as<int32_t>(), dexp.as<int32_t>(), drows.as<int32_t>(),
+                dy.as<float>(), stream.get(), tile));
+          });
+          std::printf(" %.0fus", tt * 1e3);
+        }
+        std::printf("  [128x256 64x256 64x128 64x64 128x256smem]\n");
+        continue;
+      }
       const double t = TimeMs(stream.get(), 100, [&] {
         BENCH_CHECK(cuda::MxFp4GroupedMatMul(dx.as<float>(), in, dcodes.as<uint8_t>(), dscales.as<uint8_t>(), out,
                                              groups, doff.as<int32_t>(), dexp.as<int32_t>(), drows.as<int32_t>(),
                                              dy.as<float>(), stream.get()));
       });
-      const double bytes = groups * (out * in / 2.0 + out * in / 32.0) + 4.0 * rows.size() * (in + out);
+      const double bytes = bytes_w + 4.0 * rows.size() * (in + out);
       const double gbs = bytes / (t * 1e-3) / 1e9;
       std::printf("%-8lld %7d | %9.1f %8.0f %5.0f%% %8.2f\n", static_cast<long long>(tokens), groups, t * 1e3, gbs,
                   100.0 * gbs / bw, 2.0 * rows.size() * in * out / (t * 1e-3) / 1e12);

@@ -2,6 +2,9 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "absl/strings/str_cat.h"
 #include "model/kernels/cuda/cuda_runtime.cuh"
 #include "model/kernels/cuda/device_utils.cuh"
@@ -149,6 +152,462 @@ __global__ void __launch_bounds__(kWarps * 32) MxFp4GroupedKernel(
   }
 }
 
+// ---------------------------------------------------------------------------
+// Tensor-core path (prefill-sized M). See Note [MXFP4 MMA layout].
+//
+// Note [MXFP4 MMA layout]: y = x W^T with mma.sync.m16n8k16 bf16 -> f32; the
+// A operand is x (16 token rows), B is W (8 output rows, "col" = W's own
+// row-major [out, in] layout). A k-permutation inside every 32-wide MX block
+// makes both operands one contiguous shared-memory read per thread: the
+// fragment position (k16 step t, half h, lane quad kq, element j) stands for
+// physical k = 8*kq + 2*t + h + 4*j. So lane (g, kq) reads
+//   - W: ONE 32-bit word = code bytes 4*kq..4*kq+3 of its output row, i.e.
+//     nibbles q = 0..7 at physical k = 8*kq + q; register m = 2*t + h takes
+//     nibbles m (low half) and m + 4 (high half), so a decode is two shifts
+//     and two masks on the word (no byte shuffling), and
+//   - x: ONE 16-byte read = x[row][8*kq .. 8*kq+7]; register m is
+//     (e_m, e_{m+4}), one PRMT of that vector.
+// The sum over k is order-free, so the product is unchanged.
+//
+// Decode (exact): an e2m1 code s|e1 e0|m placed as bf16 bits s<<15 | em<<6
+// reads as value * 2^-126 (code 0b001 becomes the bf16 subnormal 2^-127,
+// which is 0.5 * 2^-126, as required); one mul.bf16x2 by 2^(E - 1) (E the
+// E8M0 byte) then gives value * 2^(E-127) exactly. 2^(E-1) is a bf16 only for
+// E <= 128; a warp whose 32-block scales of the stage include a byte > 128
+// takes a two-multiply path (2^(min(E,128)-1) then 2^(E-128), or NaN for
+// 0xff) — chosen warp-uniformly per stage, so real checkpoints (scales far
+// below 2^1) pay one multiply.
+//
+// Shared memory per stage (kBk = 128 k): x tile [BM][256 B] with 16-byte
+// chunk c of row r stored at c ^ ((r & 1) << 2) (rows g and g+1 read by one
+// quarter-warp then hit disjoint banks); codes [BN][64 B] with chunk b of row
+// n at b ^ ((n >> 1) & 3) (8 rows x 16 B per warp read, conflict-free); E8M0
+// scales [BN][4 B] (the four 32-blocks of the stage). cp.async, kStages deep.
+//
+// Grid (ceil(out / BN), ty, groups): CTA (bx, by, g) computes the M tiles
+// by, by + ty, ... of group g, so any ty >= 1 is correct; the launcher sizes
+// ty from the mean rows per group.
+constexpr int kBk = 128;              // k per pipeline stage (4 MX blocks)
+constexpr int kXRowBytes = kBk * 2;   // bf16
+constexpr int kCodeRowBytes = kBk / 2;
+constexpr int kScaleRowBytes = kBk / 32;
+
+// kMinBlocks: CTAs per SM the register budget is capped for (launch bounds);
+// kHoldX: keep both k16 steps' x fragments of a 32-block in registers (else
+// re-read x per step); kUnrollB: unroll the 4-block loop of a stage.
+template <int kMTiles, int kNTiles, int kWarpsM, int kWarpsN, int kStages, int kMinBlocks, bool kHoldX,
+          bool kUnrollB, bool kSmemBDecode = false>
+struct MmaConfig {
+  static constexpr int kM = kMTiles, kN = kNTiles, kWM = kWarpsM, kS = kStages, kMinB = kMinBlocks;
+  static constexpr bool kHold = kHoldX, kUnroll = kUnrollB, kSmemB = kSmemBDecode;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kBm = 16 * kMTiles * kWarpsM;  // token rows per CTA
+  static constexpr int kBn = 8 * kNTiles * kWarpsN;   // output rows per CTA
+  static constexpr int kXBytes = kBm * kXRowBytes;
+  static constexpr int kCodeBytes = kBn * kCodeRowBytes;
+  static constexpr int kStageBytes = kXBytes + kCodeBytes + kBn * kScaleRowBytes;
+  // kSmemB: two buffers of one decoded 32-k block, [kBn][32] bf16 (64 B rows).
+  static constexpr int kDecBytes = kSmemBDecode ? 2 * kBn * 64 : 0;
+  static constexpr int kSmemBytes = kStages * kStageBytes + kDecBytes + kBm * 4;  // + source row ids
+};
+// 128 x 256, 8 warps of 64 x 64, one CTA per SM (register-bound: 2 warps per scheduler).
+using MmaLarge = MmaConfig<4, 8, 2, 4, 4, 1, false, false>;
+// 64 x 256, 8 warps of 64 x 32 capped at 128 registers: two CTAs (16 warps) per SM.
+using MmaWide = MmaConfig<4, 4, 1, 8, 3, 2, false, false>;
+// 64 x 128, 4 warps of 32 x 64.
+using MmaSmall = MmaConfig<2, 8, 2, 2, 4, 2, false, false>;
+// 64 x 64, 4 warps of 32 x 32, three CTAs per SM: small groups / small M.
+using MmaTiny = MmaConfig<2, 4, 2, 2, 3, 3, true, true>;
+// 128 x 256 with W decoded once per CTA into shared memory (Note [MXFP4 MMA
+// smem decode]), 3 stages.
+using MmaLargeSmem = MmaConfig<4, 8, 2, 4, 3, 1, false, false, true>;
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte async copy; src_bytes = 0 zero-fills (the source is not read).
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+__device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ void MmaBf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                        uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Register m (0..3) of a code word: nibbles m and m+4 as bf16 bits times 2^-126.
+template <int m>
+__device__ __forceinline__ uint32_t E2M1PairBits(uint32_t w) {
+  constexpr int kSign = 12 - 4 * m, kMag = 6 - 4 * m;  // left shifts (negative: right)
+  const uint32_t sign = kSign >= 0 ? (w << kSign) : (w >> -kSign);
+  const uint32_t mag = kMag >= 0 ? (w << kMag) : (w >> -kMag);
+  return (sign & 0x80008000u) | (mag & 0x01C001C0u);
+}
+
+// One pipeline stage of MMAs for one warp. xs/cs/ss: this stage's x tile,
+// code tile, scale words; x_row0 / n_row0: the warp's first x row / output
+// row inside the CTA tile.
+template <class Cfg, bool kWide>
+__device__ __forceinline__ void MmaStage(const uint8_t* xs, const uint8_t* cs, const uint32_t* ss, int x_row0,
+                                         int n_row0, int lane, float (&acc)[Cfg::kM][Cfg::kN][4]) {
+  const int g = lane >> 2, kq = lane & 3;
+  const uint8_t* sb = reinterpret_cast<const uint8_t*>(ss);
+  // The Large tile's block loop is not unrolled and it re-reads x per k16
+  // step t (the 16-byte read holds both steps' values): hoisting or holding
+  // them would need more registers than its 64 x 64 warp tile leaves (ptxas
+  // spilled). Smaller warp tiles hold and unroll (kHold, kUnroll).
+#pragma unroll(Cfg::kUnroll ? 4 : 1)
+  for (int b = 0; b < 4; ++b) {
+    const int xchunk = ((b ^ (g & 1)) << 2) + kq;  // 16-byte chunk b*4+kq, swizzled by row parity
+    const int cchunk = b ^ ((g >> 1) & 3);
+    // a0..a3 of step t = {row g reg 2t, row g+8 reg 2t, row g reg 2t+1, row g+8 reg 2t+1},
+    // reg m = (e_m, e_{m+4}) of the row's 8 values: 2t from (.x,.z) / (.y,.w) low halves, 2t+1 high.
+    uint32_t a[Cfg::kM][Cfg::kHold ? 8 : 4];
+    auto load_x = [&](int t) {
+#pragma unroll
+      for (int i = 0; i < Cfg::kM; ++i) {
+        const int r = x_row0 + i * 16 + g;
+        const uint4 lo = *reinterpret_cast<const uint4*>(xs + r * kXRowBytes + xchunk * 16);
+        const uint4 hi = *reinterpret_cast<const uint4*>(xs + (r + 8) * kXRowBytes + xchunk * 16);
+#pragma unroll
+        for (int tt = 0; tt < 2; ++tt) {
+          if (!Cfg::kHold && tt != t) continue;
+          const int o = Cfg::kHold ? 4 * tt : 0;
+          const uint32_t l0 = tt == 0 ? lo.x : lo.y, l1 = tt == 0 ? lo.z : lo.w;
+          const uint32_t h0 = tt == 0 ? hi.x : hi.y, h1 = tt == 0 ? hi.z : hi.w;
+          a[i][o + 0] = __byte_perm(l0, l1, 0x5410);
+          a[i][o + 1] = __byte_perm(h0, h1, 0x5410);
+          a[i][o + 2] = __byte_perm(l0, l1, 0x7632);
+          a[i][o + 3] = __byte_perm(h0, h1, 0x7632);
+        }
+      }
+    };
+    if (Cfg::kHold) load_x(-1);
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      if (!Cfg::kHold) load_x(t);
+      const int o = Cfg::kHold ? 4 * t : 0;
+#pragma unroll
+      for (int j = 0; j < Cfg::kN; ++j) {
+        const int n = n_row0 + j * 8 + g;
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(cs + n * kCodeRowBytes + cchunk * 16 + kq * 4);
+        const uint32_t e = sb[n * kScaleRowBytes + b];
+        uint32_t b0 = t == 0 ? E2M1PairBits<0>(w) : E2M1PairBits<2>(w);
+        uint32_t b1 = t == 0 ? E2M1PairBits<1>(w) : E2M1PairBits<3>(w);
+        if constexpr (!kWide) {
+          const uint32_t mult = (e + 126u) * 0x00800080u;  // bf16x2 2^(e-1), e <= 128
+          b0 = MulBf16x2(b0, mult);
+          b1 = MulBf16x2(b1, mult);
+        } else {
+          const uint32_t m1 = ((e < 128u ? e : 128u) + 126u) * 0x00800080u;
+          const uint32_t m2 = e <= 128u ? 0x3F803F80u : e == 255u ? 0x7FC07FC0u : (e - 1u) * 0x00800080u;
+          b0 = MulBf16x2(MulBf16x2(b0, m1), m2);
+          b1 = MulBf16x2(MulBf16x2(b1, m1), m2);
+        }
+#pragma unroll
+        for (int i = 0; i < Cfg::kM; ++i)
+          MmaBf16(acc[i][j], a[i][o + 0], a[i][o + 1], a[i][o + 2], a[i][o + 3], b0, b1);
+      }
+    }
+  }
+}
+
+// Note [MXFP4 MMA smem decode]: the kSmemB tiles decode each 32-k block of
+// the W tile ONCE per CTA (thread n of the CTA: output row n, 16 code bytes
+// -> 32 bf16 in natural k order) into a double-buffered [kBn][32] bf16 tile,
+// and both operands then go through ldmatrix in natural k order (no
+// permutation, no PRMT on x). Per HMMA that is ~1.5 decode instructions
+// instead of ~3 when every warp decodes its own fragments (the W columns of
+// a 128-row CTA are shared by its two warp rows). Decoded rows: chunk q of
+// row n at q ^ ((n >> 1) & 3); x rows: chunk c of row r at c ^ (r & 7) (the
+// 8 rows of one 8x8 ldmatrix then hit 8 distinct bank groups).
+__device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+// Thread n decodes block b of output row n (n < kBn) into dec.
+template <class Cfg>
+__device__ __forceinline__ void DecodeBlockToSmem(const uint8_t* cs, const uint8_t* sb, int b, uint8_t* dec, int n) {
+  const uint4 q = *reinterpret_cast<const uint4*>(cs + n * kCodeRowBytes + ((b ^ ((n >> 1) & 3)) * 16));
+  const uint32_t e = sb[n * kScaleRowBytes + b];
+  uint32_t m1, m2 = 0x3F803F80u;
+  if (e <= 128u) {
+    m1 = (e + 126u) * 0x00800080u;
+  } else {
+    m1 = 254u * 0x00800080u;
+    m2 = e == 255u ? 0x7FC07FC0u : (e - 1u) * 0x00800080u;
+  }
+  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+  auto decode = [&](auto wide) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const uint32_t w = words[c];
+      uint32_t r[4] = {E2M1PairBits<0>(w), E2M1PairBits<1>(w), E2M1PairBits<2>(w), E2M1PairBits<3>(w)};
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        r[m] = MulBf16x2(r[m], m1);
+        if constexpr (decltype(wide)::value) r[m] = MulBf16x2(r[m], m2);
+      }
+      // r[m] = (k m, k m+4) of this word's 8 values; natural pairs (k 2p, 2p+1):
+      const uint4 v = make_uint4(__byte_perm(r[0], r[1], 0x5410), __byte_perm(r[2], r[3], 0x5410),
+                                 __byte_perm(r[0], r[1], 0x7632), __byte_perm(r[2], r[3], 0x7632));
+      *reinterpret_cast<uint4*>(dec + n * 64 + ((c ^ ((n >> 1) & 3)) * 16)) = v;
+    }
+  };
+  // Warp-uniform choice: scale bytes > 128 need the second multiply.
+  if (__any_sync(0xffffffffu, e > 128u))
+    decode(std::true_type{});
+  else
+    decode(std::false_type{});
+}
+
+// MMAs of one decoded 32-k block b for one warp (ldmatrix for x and W).
+template <class Cfg>
+__device__ __forceinline__ void MmaBlockFromSmem(const uint8_t* xs, const uint8_t* dec, int b, int x_row0, int n_row0,
+                                                 int lane, float (&acc)[Cfg::kM][Cfg::kN][4]) {
+  uint32_t bw[Cfg::kN][4];
+#pragma unroll
+  for (int j = 0; j < Cfg::kN; ++j) {
+    const int n = n_row0 + j * 8 + (lane & 7), q = lane >> 3;
+    LdMatrixX4(SmemAddr(dec + n * 64 + ((q ^ ((n >> 1) & 3)) * 16)), bw[j][0], bw[j][1], bw[j][2], bw[j][3]);
+  }
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {
+#pragma unroll
+    for (int i = 0; i < Cfg::kM; ++i) {
+      const int r = x_row0 + i * 16 + (lane & 15);
+      const int c = 4 * b + 2 * t + (lane >> 4);
+      uint32_t a0, a1, a2, a3;
+      LdMatrixX4(SmemAddr(xs + r * kXRowBytes + ((c ^ (r & 7)) * 16)), a0, a1, a2, a3);
+#pragma unroll
+      for (int j = 0; j < Cfg::kN; ++j) MmaBf16(acc[i][j], a0, a1, a2, a3, bw[j][2 * t], bw[j][2 * t + 1]);
+    }
+  }
+}
+
+// True when some E8M0 byte of the word exceeds 128 (needs the two-multiply decode).
+__device__ __forceinline__ uint32_t WideScaleBytes(uint32_t v) {
+  return (v & 0x80808080u) & ((v & 0x7f7f7f7fu) + 0x7f7f7f7fu);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinB) MxFp4MmaKernel(
+    const uint16_t* __restrict__ x, int64_t in, const uint8_t* __restrict__ codes, const uint8_t* __restrict__ scales,
+    int64_t out, const int32_t* __restrict__ group_offsets, const int32_t* __restrict__ group_expert,
+    const int32_t* __restrict__ row_index, int64_t single_rows, float* __restrict__ y) {
+  static_assert(!Cfg::kSmemB || (!Cfg::kHold && !Cfg::kUnroll && Cfg::kBn <= Cfg::kThreads),
+                "the smem-decode path has its own block loop and one decoding thread per output row");
+  extern __shared__ __align__(128) uint8_t smem[];
+  int32_t* row_src = reinterpret_cast<int32_t*>(smem + Cfg::kS * Cfg::kStageBytes + Cfg::kDecBytes);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp % Cfg::kWM, warp_n = warp / Cfg::kWM;
+  const int g = blockIdx.z;
+  const int64_t m_begin = group_offsets ? group_offsets[g] : 0;
+  const int64_t m_end = group_offsets ? group_offsets[g + 1] : single_rows;
+  const int64_t e = group_expert ? group_expert[g] : 0;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * Cfg::kBn;
+  const uint8_t* codes_e = codes + e * out * (in / 2);
+  const uint8_t* scales_e = scales + e * out * (in / 32);
+  const int k_tiles = static_cast<int>(in / kBk);
+
+  for (int64_t m0 = m_begin + static_cast<int64_t>(blockIdx.y) * Cfg::kBm; m0 < m_end;
+       m0 += static_cast<int64_t>(gridDim.y) * Cfg::kBm) {
+    __syncthreads();  // the previous tile is done with row_src and every stage
+    for (int r = tid; r < Cfg::kBm; r += Cfg::kThreads)
+      row_src[r] = m0 + r < m_end ? (row_index ? row_index[m0 + r] : static_cast<int32_t>(m0 + r)) : -1;
+    __syncthreads();
+
+    auto load_stage = [&](int kt, int stage) {
+      uint8_t* xs = smem + stage * Cfg::kStageBytes;
+      uint8_t* cs = xs + Cfg::kXBytes;
+      uint8_t* ss = cs + Cfg::kCodeBytes;
+      const int64_t k0 = static_cast<int64_t>(kt) * kBk;
+#pragma unroll 1
+      for (int i = tid; i < Cfg::kBm * 16; i += Cfg::kThreads) {
+        const int r = i >> 4, c = i & 15;
+        const int32_t src = row_src[r];
+        const uint16_t* p = x + (src >= 0 ? static_cast<int64_t>(src) * in + k0 + c * 8 : 0);
+        const int pc = Cfg::kSmemB ? (c ^ (r & 7)) : (c ^ ((r & 1) << 2));
+        CpAsync16(SmemAddr(xs + r * kXRowBytes + pc * 16), p, src >= 0);
+      }
+#pragma unroll 1
+      for (int i = tid; i < Cfg::kBn * 4; i += Cfg::kThreads) {
+        const int n = i >> 2, c = i & 3;
+        const bool ok = n0 + n < out;
+        const uint8_t* p = codes_e + (ok ? (n0 + n) * (in / 2) + k0 / 2 + c * 16 : 0);
+        CpAsync16(SmemAddr(cs + n * kCodeRowBytes + ((c ^ ((n >> 1) & 3)) * 16)), p, ok);
+      }
+      for (int n = tid; n < Cfg::kBn; n += Cfg::kThreads) {
+        const bool ok = n0 + n < out;
+        const uint8_t* p = scales_e + (ok ? (n0 + n) * (in / 32) + k0 / 32 : 0);
+        CpAsync4(SmemAddr(ss + n * kScaleRowBytes), p, ok);
+      }
+    };
+
+    float acc[Cfg::kM][Cfg::kN][4];
+#pragma unroll
+    for (int i = 0; i < Cfg::kM; ++i)
+#pragma unroll
+      for (int j = 0; j < Cfg::kN; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < Cfg::kS - 1; ++s) {
+      if (s < k_tiles) load_stage(s, s);
+      CpAsyncCommit();
+    }
+    const int x_row0 = warp_m * Cfg::kM * 16, n_row0 = warp_n * Cfg::kN * 8;
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      CpAsyncWait<Cfg::kS - 2>();
+      __syncthreads();  // stage kt landed for all threads; stage kt-1 is free
+      if (kt + Cfg::kS - 1 < k_tiles) load_stage(kt + Cfg::kS - 1, (kt + Cfg::kS - 1) % Cfg::kS);
+      CpAsyncCommit();
+      const uint8_t* xs = smem + (kt % Cfg::kS) * Cfg::kStageBytes;
+      const uint8_t* cs = xs + Cfg::kXBytes;
+      const uint32_t* ss = reinterpret_cast<const uint32_t*>(cs + Cfg::kCodeBytes);
+      if constexpr (Cfg::kSmemB) {
+        // [decode 0] sync [decode 1 | mma 0] sync [decode 2 | mma 1] sync [decode 3 | mma 2] sync [mma 3];
+        // the next stage's decode 0 (buffer 0) follows the sync after mma 2.
+        uint8_t* dec = smem + Cfg::kS * Cfg::kStageBytes;
+        const uint8_t* sb = reinterpret_cast<const uint8_t*>(ss);
+        if (tid < Cfg::kBn) DecodeBlockToSmem<Cfg>(cs, sb, 0, dec, tid);
+        __syncthreads();
+#pragma unroll 1
+        for (int b = 0; b < 4; ++b) {
+          if (b < 3 && tid < Cfg::kBn) DecodeBlockToSmem<Cfg>(cs, sb, b + 1, dec + ((b + 1) & 1) * Cfg::kBn * 64, tid);
+          MmaBlockFromSmem<Cfg>(xs, dec + (b & 1) * Cfg::kBn * 64, b, x_row0, n_row0, lane, acc);
+          if (b < 3) __syncthreads();
+        }
+      } else {
+        uint32_t wide = 0;
+#pragma unroll
+        for (int j = 0; j < Cfg::kN; ++j) wide |= WideScaleBytes(ss[n_row0 + j * 8 + (lane >> 2)]);
+        if (__any_sync(0xffffffffu, wide != 0))
+          MmaStage<Cfg, true>(xs, cs, ss, x_row0, n_row0, lane, acc);
+        else
+          MmaStage<Cfg, false>(xs, cs, ss, x_row0, n_row0, lane, acc);
+      }
+    }
+    CpAsyncWait<0>();
+
+    // Epilogue: c0,c1 = (row g, cols 2kq, 2kq+1), c2,c3 = row g+8.
+    const int gq = lane >> 2, kq = lane & 3;
+    const bool pairs = (out % 2) == 0;
+#pragma unroll
+    for (int i = 0; i < Cfg::kM; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t m = m0 + x_row0 + i * 16 + gq + 8 * h;
+        if (m >= m_end) continue;
+        float* yr = y + m * out;
+#pragma unroll
+        for (int j = 0; j < Cfg::kN; ++j) {
+          const int64_t n = n0 + n_row0 + j * 8 + 2 * kq;
+          if (pairs && n + 1 < out) {
+            *reinterpret_cast<float2*>(yr + n) = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+          } else {
+            if (n < out) yr[n] = acc[i][j][2 * h];
+            if (n + 1 < out) yr[n + 1] = acc[i][j][2 * h + 1];
+          }
+        }
+      }
+  }
+}
+
+absl::Status CheckMmaShapes(int64_t in, int64_t out, const uint16_t* x, const uint8_t* codes, const uint8_t* scales,
+                            const float* y) {
+  if (in <= 0 || in % kBk != 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("MXFP4 tensor-core GEMM: in = ", in, " must be a positive multiple of ", kBk));
+  if (out <= 0) return absl::InvalidArgumentError(absl::StrCat("MXFP4 tensor-core GEMM: out = ", out));
+  if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(codes) % 16 != 0)
+    return absl::InvalidArgumentError("MXFP4 tensor-core GEMM: x and codes must be 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(scales) % 4 != 0)
+    return absl::InvalidArgumentError("MXFP4 tensor-core GEMM: scales must be 4-byte aligned");
+  if (reinterpret_cast<uintptr_t>(y) % 8 != 0)
+    return absl::InvalidArgumentError("MXFP4 tensor-core GEMM: y must be 8-byte aligned");
+  return absl::OkStatus();
+}
+
+int SmCount() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return 132;
+  return sms;
+}
+
+template <class Cfg>
+absl::Status LaunchMma(const uint16_t* x, int64_t in, const uint8_t* codes, const uint8_t* scales, int64_t out,
+                       int groups, int64_t rows_per_group, const int32_t* group_offsets, const int32_t* group_expert,
+                       const int32_t* row_index, int64_t single_rows, float* y, cudaStream_t stream) {
+  RETORT_CUDA_RETURN(
+      cudaFuncSetAttribute(MxFp4MmaKernel<Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  const int64_t ty = std::min<int64_t>(std::max<int64_t>((rows_per_group + Cfg::kBm - 1) / Cfg::kBm, 1), 65535);
+  const dim3 grid(static_cast<unsigned>((out + Cfg::kBn - 1) / Cfg::kBn), static_cast<unsigned>(ty),
+                  static_cast<unsigned>(groups));
+  MxFp4MmaKernel<Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(x, in, codes, scales, out, group_offsets,
+                                                                        group_expert, row_index, single_rows, y);
+  RETORT_CUDA_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
+absl::Status DispatchMma(MxFp4MmaTile tile, const uint16_t* x, int64_t in, const uint8_t* codes, const uint8_t* scales,
+                         int64_t out, int groups, int64_t rows_per_group, const int32_t* group_offsets,
+                         const int32_t* group_expert, const int32_t* row_index, int64_t single_rows, float* y,
+                         cudaStream_t stream) {
+  if (tile == MxFp4MmaTile::kAuto) {
+    // Measured on an H200 (bench/mxfp4_gemm, V4 expert shapes; see the rule
+    // in mxfp4.cuh): the smem-decode 128 x 256 tile wins once its grid fills
+    // ~all SMs and groups are >= 128 rows; else 64 x 256 once its grid fills
+    // ~all SMs; else 64 x 64 (more CTAs for a small grid).
+    auto ctas = [&](int64_t bm, int64_t bn) { return groups * ((rows_per_group + bm - 1) / bm) * ((out + bn - 1) / bn); };
+    const int64_t full = SmCount() * 9 / 10;
+    if (rows_per_group >= 128 && ctas(MmaLargeSmem::kBm, MmaLargeSmem::kBn) >= full)
+      tile = MxFp4MmaTile::k128x256SmemDecode;
+    else if (ctas(MmaWide::kBm, MmaWide::kBn) >= full)
+      tile = MxFp4MmaTile::k64x256;
+    else
+      tile = MxFp4MmaTile::k64x64;
+  }
+  switch (tile) {
+    case MxFp4MmaTile::k128x256SmemDecode:
+      return LaunchMma<MmaLargeSmem>(x, in, codes, scales, out, groups, rows_per_group, group_offsets, group_expert,
+                                     row_index, single_rows, y, stream);
+    case MxFp4MmaTile::k64x256:
+      return LaunchMma<MmaWide>(x, in, codes, scales, out, groups, rows_per_group, group_offsets, group_expert,
+                                row_index, single_rows, y, stream);
+    case MxFp4MmaTile::k64x64:
+      return LaunchMma<MmaTiny>(x, in, codes, scales, out, groups, rows_per_group, group_offsets, group_expert,
+                                row_index, single_rows, y, stream);
+    case MxFp4MmaTile::k128x256:
+      return LaunchMma<MmaLarge>(x, in, codes, scales, out, groups, rows_per_group, group_offsets, group_expert,
+                                 row_index, single_rows, y, stream);
+    case MxFp4MmaTile::k64x128:
+      return LaunchMma<MmaSmall>(x, in, codes, scales, out, groups, rows_per_group, group_offsets, group_expert,
+                                 row_index, single_rows, y, stream);
+    case MxFp4MmaTile::kAuto:
+      break;
+  }
+  return absl::InternalError("MXFP4 tensor-core GEMM: unresolved tile");
+}
+
 absl::Status CheckShapes(int64_t in, const float* x, const uint8_t* codes) {
   if (in % 32 != 0) return absl::InvalidArgumentError(absl::StrCat("MXFP4: in = ", in, " is not a multiple of 32"));
   if (reinterpret_cast<uintptr_t>(codes) % 16 != 0)
@@ -180,6 +639,30 @@ absl::Status MxFp4GroupedMatMul(const float* x, int64_t in, const uint8_t* codes
                                                        row_index, 0, y);
   RETORT_CUDA_LAUNCH_CHECK();
   return absl::OkStatus();
+}
+
+absl::Status MxFp4MatMulTensorCore(const uint16_t* x_bf16, int64_t T, int64_t in, const uint8_t* codes,
+                                   const uint8_t* scales, int64_t out, float* y, cudaStream_t stream,
+                                   MxFp4MmaTile tile) {
+  if (T < 0) return absl::InvalidArgumentError(absl::StrCat("MXFP4 tensor-core GEMM: T = ", T));
+  if (absl::Status s = CheckMmaShapes(in, out, x_bf16, codes, scales, y); !s.ok()) return s;
+  if (T == 0) return absl::OkStatus();
+  return DispatchMma(tile, x_bf16, in, codes, scales, out, 1, T, nullptr, nullptr, nullptr, T, y, stream);
+}
+
+absl::Status MxFp4GroupedMatMulTensorCore(const uint16_t* x_bf16, int64_t in, const uint8_t* codes,
+                                          const uint8_t* scales, int64_t out, int groups, int64_t rows,
+                                          const int32_t* group_offsets, const int32_t* group_expert,
+                                          const int32_t* row_index, float* y, cudaStream_t stream, MxFp4MmaTile tile) {
+  if (absl::Status s = CheckMmaShapes(in, out, x_bf16, codes, scales, y); !s.ok()) return s;
+  if (groups < 0 || groups > 65535)
+    return absl::InvalidArgumentError(absl::StrCat("MXFP4 tensor-core GEMM: groups = ", groups));
+  if (rows < 0) return absl::InvalidArgumentError(absl::StrCat("MXFP4 tensor-core GEMM: rows = ", rows));
+  if (groups == 0 || rows == 0) return absl::OkStatus();
+  if (group_offsets == nullptr || group_expert == nullptr)
+    return absl::InvalidArgumentError("MXFP4 tensor-core GEMM: group_offsets and group_expert are required");
+  return DispatchMma(tile, x_bf16, in, codes, scales, out, groups, (rows + groups - 1) / groups, group_offsets,
+                     group_expert, row_index, 0, y, stream);
 }
 
 }  // namespace retort::cuda

@@ -8,9 +8,34 @@
 // never exist in global memory. Matches cpu::MxFp4MatMul up to summation
 // order; deterministic for a fixed shape.
 //
-// This is the decode (GEMV / small-M) path on CUDA cores: it reads W once per
-// 8 rows of x. Prefill-sized M wants a tensor-core kernel (not here yet):
-// bench/mxfp4_gemm measures both against cuBLAS bf16.
+// Two paths, same weights:
+//  - MxFp4MatMul / MxFp4GroupedMatMul: the decode (GEMV / small-M) path on
+//    CUDA cores, f32 x; it reads W once per 8 rows of x.
+//  - MxFp4MatMulTensorCore / MxFp4GroupedMatMulTensorCore: prefill-sized M on
+//    the tensor cores (mma.sync m16n8k16 bf16, fp32 accumulation). x, code
+//    and scale tiles go to shared memory by cp.async (3-4 stages); the
+//    codes are decoded e2m1 x E8M0 -> bf16 (exact) either by each warp into
+//    its own B fragments in registers, or (k128x256SmemDecode) once per CTA
+//    into a double-buffered 32-k slice of bf16 W in shared memory. Dequantized
+//    weights never exist in global memory.
+//    x is bf16: deployment numerics (activations are bf16 there); the result
+//    equals cpu::MxFp4MatMul on bf16-rounded x up to fp32 summation order.
+//    See Note [MXFP4 MMA layout] in mxfp4.cu.
+//
+// Dispatch rule (which M uses which kernel), rows = rows per expert group,
+// measured on an H200 with bench/mxfp4_gemm at the V4 expert shapes:
+//   rows <  kMxFp4TensorCoreMinRows (16) -> the CUDA-core kernels (at 16 rows
+//     they take ~45 us for gate/up, the tensor-core kernel ~53 us at 16..256
+//     rows, where it is bound by the short grid, not by arithmetic);
+//   rows >= 16 -> the tensor-core kernels with tile (kAuto):
+//     k128x256SmemDecode when rows >= 128 and its grid covers >= 90% of the
+//       SMs (~245-253 TFLOP/s at M = 2048..8192; W decoded once per CTA);
+//     else 64 x 256 when its grid covers >= 90% of the SMs (two CTAs/SM;
+//       best at M ~ 512..1024 and for grouped experts of ~10..100 rows);
+//     else 64 x 64 (three CTAs/SM; M ~ 16..512 on one expert matrix).
+//   128 x 256 (register decode, ~232 TFLOP/s at M = 8192) and 64 x 128 are
+//   kept for tests and benchmarks only.
+// bench/mxfp4_gemm measures both against cuBLAS bf16 on dequantized weights.
 #ifndef RETORT_MODEL_KERNELS_CUDA_MXFP4_CUH_
 #define RETORT_MODEL_KERNELS_CUDA_MXFP4_CUH_
 
@@ -37,6 +62,33 @@ namespace retort::cuda {
                                               const uint8_t* scales, int64_t out, int groups,
                                               const int32_t* group_offsets, const int32_t* group_expert,
                                               const int32_t* row_index, float* y, cudaStream_t stream);
+
+// Rows per expert group from which the tensor-core kernels win (measured with
+// bench/mxfp4_gemm on an H200: see the dispatch rule above).
+inline constexpr int64_t kMxFp4TensorCoreMinRows = 16;
+
+// CTA tile of the tensor-core kernels; kAuto picks by the rule above. The
+// explicit tiles exist for tests and benchmarks.
+enum class MxFp4MmaTile { kAuto, k128x256, k64x256, k64x128, k64x64, k128x256SmemDecode };
+
+// y [T, out] f32 = x [T, in] (bf16 bit patterns) W^T. in % 128 == 0 (else
+// InvalidArgument); any out >= 1 and T >= 0. x and codes 16-byte aligned,
+// scales 4-byte aligned, y 8-byte aligned. Deterministic for a fixed shape
+// and tile.
+[[nodiscard]] absl::Status MxFp4MatMulTensorCore(const uint16_t* x_bf16, int64_t T, int64_t in, const uint8_t* codes,
+                                                 const uint8_t* scales, int64_t out, float* y, cudaStream_t stream,
+                                                 MxFp4MmaTile tile = MxFp4MmaTile::kAuto);
+
+// Grouped over experts with the permutation interface of MxFp4GroupedMatMul
+// (group_offsets [groups+1], group_expert [groups], row_index [rows] or
+// nullptr, all device i32). `rows` = group_offsets[groups], known on the host
+// (tokens x top-k); it only sizes the grid (a wrong value costs speed, not
+// correctness). Same shape rules as MxFp4MatMulTensorCore.
+[[nodiscard]] absl::Status MxFp4GroupedMatMulTensorCore(const uint16_t* x_bf16, int64_t in, const uint8_t* codes,
+                                                        const uint8_t* scales, int64_t out, int groups, int64_t rows,
+                                                        const int32_t* group_offsets, const int32_t* group_expert,
+                                                        const int32_t* row_index, float* y, cudaStream_t stream,
+                                                        MxFp4MmaTile tile = MxFp4MmaTile::kAuto);
 
 }  // namespace retort::cuda
 
