@@ -307,8 +307,14 @@ struct CudaModel::Impl {
         RETURN_IF_ERROR(cuda::F32ToBf16(x, T * l.in, xb, st()));
         return cuda::MatMulBf16(blas, xb, T, l.in, l.w.as<uint16_t>(), l.out, y, st());
       }
-      case WeightKind::kMxFp4:
+      case WeightKind::kMxFp4: {
+        if (dense_bf16 && T >= cuda::kMxFp4TensorCoreMinRows && l.in % 128 == 0) {
+          ASSIGN_OR_RETURN(uint16_t* xb, Scratch<uint16_t>(T * l.in));
+          RETURN_IF_ERROR(cuda::F32ToBf16(x, T * l.in, xb, st()));
+          return cuda::MxFp4MatMulTensorCore(xb, T, l.in, l.w.as<uint8_t>(), l.scales.as<uint8_t>(), l.out, y, st());
+        }
         return cuda::MxFp4MatMul(x, T, l.in, l.w.as<uint8_t>(), l.scales.as<uint8_t>(), l.out, y, st());
+      }
     }
     return absl::InternalError("unreachable");
   }
@@ -467,7 +473,24 @@ struct CudaModel::Impl {
     ASSIGN_OR_RETURN(float* u, Scratch<float>(NK * I));
     ASSIGN_OR_RETURN(float* y, Scratch<float>(NK * d));
     const ExpertStack& X = L.experts;
-    if (X.mxfp4) {
+    // Deployment numerics with many rows per expert (prefill): the tensor-core
+    // kernels on bf16 activations (dispatch rule in mxfp4.cuh); otherwise the
+    // CUDA-core kernels on f32 activations.
+    const bool tensor_cores = X.mxfp4 && dense_bf16 && d % 128 == 0 && I % 128 == 0 &&
+                              NK >= cuda::kMxFp4TensorCoreMinRows * groups;
+    if (tensor_cores) {
+      ASSIGN_OR_RETURN(uint16_t* xb, Scratch<uint16_t>(N * d));
+      RETURN_IF_ERROR(cuda::F32ToBf16(x, N * d, xb, st()));
+      RETURN_IF_ERROR(cuda::MxFp4GroupedMatMulTensorCore(xb, d, X.w1.as<uint8_t>(), X.s1.as<uint8_t>(), I, groups, NK,
+                                                         goff, gexp, row_index, g, st()));
+      RETURN_IF_ERROR(cuda::MxFp4GroupedMatMulTensorCore(xb, d, X.w3.as<uint8_t>(), X.s3.as<uint8_t>(), I, groups, NK,
+                                                         goff, gexp, row_index, u, st()));
+      RETURN_IF_ERROR(cuda::SwiGlu(g, u, NK * I, limit, g, st()));
+      ASSIGN_OR_RETURN(uint16_t* hb, Scratch<uint16_t>(NK * I));
+      RETURN_IF_ERROR(cuda::F32ToBf16(g, NK * I, hb, st()));
+      RETURN_IF_ERROR(cuda::MxFp4GroupedMatMulTensorCore(hb, I, X.w2.as<uint8_t>(), X.s2.as<uint8_t>(), d, groups, NK,
+                                                         goff, gexp, nullptr, y, st()));
+    } else if (X.mxfp4) {
       RETURN_IF_ERROR(cuda::MxFp4GroupedMatMul(x, d, X.w1.as<uint8_t>(), X.s1.as<uint8_t>(), I, groups, goff, gexp,
                                                row_index, g, st()));
       RETURN_IF_ERROR(cuda::MxFp4GroupedMatMul(x, d, X.w3.as<uint8_t>(), X.s3.as<uint8_t>(), I, groups, goff, gexp,

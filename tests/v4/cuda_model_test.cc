@@ -258,5 +258,46 @@ TEST(CudaModelTest, CopySequenceForksState) {
   EXPECT_EQ(MaxAbsDiff(x->data(), y->data(), 9 * f.V), 0.0f);
 }
 
+// Deployment prefill with enough rows per expert takes the tensor-core MXFP4
+// path (bf16 activations): the same random model in exact numerics (f32
+// weights whose bf16 rounding the deployment model holds, the same MXFP4
+// experts) must agree within the error bf16 brings, measured as relative L2
+// over the logits (bound 5%; a wrong tile or permutation gives O(1)).
+TEST(CudaModelTest, DeploymentTensorCorePrefillTracksExact) {
+  SKIP_WITHOUT_CUDA();
+  io::V4Config c;
+  c.vocab_size = 512, c.hidden_size = 256, c.num_layers = 2, c.num_heads = 4, c.head_dim = 64, c.rope_dim = 16;
+  c.q_lora_rank = 128, c.o_groups = 2, c.o_lora_rank = 64, c.n_routed_experts = 8, c.n_shared_experts = 1;
+  c.experts_per_token = 2, c.moe_intermediate = 128, c.routed_scaling_factor = 1.5, c.swiglu_limit = 10;
+  c.sliding_window = 16, c.index_n_heads = 4, c.index_head_dim = 32, c.index_topk = 8;
+  c.attention = {io::AttentionKind::kCsa, io::AttentionKind::kHca};
+  c.compress_ratio = {4, 16};
+  c.hash_routed = {false, false};
+  c.max_position_embeddings = 4096;
+  std::vector<int64_t> ids(300);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int64_t>((i * 131 + 7) % c.vocab_size);
+  std::vector<float> got[2];
+  for (int mode = 0; mode < 2; ++mode) {
+    CudaModelOptions o;
+    o.max_sequences = 1, o.max_length = 512;
+    o.numerics = mode == 0 ? Numerics::kExact : Numerics::kDeployment;
+    auto m = CudaModel::CreateRandom(c, o, 3);
+    ASSERT_TRUE(m.ok()) << m.status();
+    const int s = *(*m)->NewSequence();
+    std::vector<CudaModel::Chunk> ch = {{s, absl::MakeConstSpan(ids)}};
+    auto r = (*m)->Step(ch);
+    ASSERT_TRUE(r.ok()) << r.status();
+    got[mode] = *r;
+  }
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got[0].size(); ++i) {
+    num += (got[1][i] - got[0][i]) * (got[1][i] - got[0][i]);
+    den += got[0][i] * got[0][i];
+  }
+  const double rel = std::sqrt(num / den);
+  std::printf("deployment (tensor-core MoE) vs exact prefill: relative L2 %.4f\n", rel);
+  EXPECT_LT(rel, 0.05);
+}
+
 }  // namespace
 }  // namespace retort::v4
