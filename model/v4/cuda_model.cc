@@ -308,7 +308,7 @@ struct CudaModel::Impl {
         return cuda::MatMulBf16(blas, xb, T, l.in, l.w.as<uint16_t>(), l.out, y, st());
       }
       case WeightKind::kMxFp4: {
-        if (dense_bf16 && T >= cuda::kMxFp4TensorCoreMinRows && l.in % 128 == 0) {
+        if (dense_bf16 && options.tensor_core_experts && T >= cuda::kMxFp4TensorCoreMinRows && l.in % 128 == 0) {
           ASSIGN_OR_RETURN(uint16_t* xb, Scratch<uint16_t>(T * l.in));
           RETURN_IF_ERROR(cuda::F32ToBf16(x, T * l.in, xb, st()));
           return cuda::MxFp4MatMulTensorCore(xb, T, l.in, l.w.as<uint8_t>(), l.scales.as<uint8_t>(), l.out, y, st());
@@ -476,7 +476,7 @@ struct CudaModel::Impl {
     // Deployment numerics with many rows per expert (prefill): the tensor-core
     // kernels on bf16 activations (dispatch rule in mxfp4.cuh); otherwise the
     // CUDA-core kernels on f32 activations.
-    const bool tensor_cores = X.mxfp4 && dense_bf16 && d % 128 == 0 && I % 128 == 0 &&
+    const bool tensor_cores = X.mxfp4 && dense_bf16 && options.tensor_core_experts && d % 128 == 0 && I % 128 == 0 &&
                               NK >= cuda::kMxFp4TensorCoreMinRows * groups;
     if (tensor_cores) {
       ASSIGN_OR_RETURN(uint16_t* xb, Scratch<uint16_t>(N * d));

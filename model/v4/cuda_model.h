@@ -43,6 +43,10 @@ struct CudaModelOptions {
   int64_t max_length = 4096;     // tokens per sequence a slot holds. Default 4096.
   Numerics numerics = Numerics::kExact;
   int device = 0;                // CUDA device ordinal. Default 0.
+  // Deployment numerics: MXFP4 experts on the tensor cores (bf16 activations)
+  // where the groups are large enough (mxfp4.cuh's rule). Default true;
+  // false keeps them on the CUDA-core kernels (f32 activations).
+  bool tensor_core_experts = true;
 };
 
 // Per-op device time of the steps run with profiling on (ms, summed).

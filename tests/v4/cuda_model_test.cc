@@ -259,10 +259,12 @@ TEST(CudaModelTest, CopySequenceForksState) {
 }
 
 // Deployment prefill with enough rows per expert takes the tensor-core MXFP4
-// path (bf16 activations): the same random model in exact numerics (f32
-// weights whose bf16 rounding the deployment model holds, the same MXFP4
-// experts) must agree within the error bf16 brings, measured as relative L2
-// over the logits (bound 5%; a wrong tile or permutation gives O(1)).
+// path (bf16 activations). Against the same random model in exact numerics
+// (f32 weights whose bf16 rounding the deployment model holds, the same MXFP4
+// experts), its relative L2 error over the logits must stay within 1.5x (+1%)
+// of the deployment model's with the experts on the CUDA-core kernels: bf16
+// flips router and indexer choices in a random model either way (~9% here),
+// while a wrong tile or permutation gives O(1).
 TEST(CudaModelTest, DeploymentTensorCorePrefillTracksExact) {
   SKIP_WITHOUT_CUDA();
   io::V4Config c;
@@ -276,11 +278,12 @@ TEST(CudaModelTest, DeploymentTensorCorePrefillTracksExact) {
   c.max_position_embeddings = 4096;
   std::vector<int64_t> ids(300);
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int64_t>((i * 131 + 7) % c.vocab_size);
-  std::vector<float> got[2];
-  for (int mode = 0; mode < 2; ++mode) {
+  std::vector<float> got[3];  // exact, deployment (tensor cores), deployment (CUDA cores)
+  for (int mode = 0; mode < 3; ++mode) {
     CudaModelOptions o;
     o.max_sequences = 1, o.max_length = 512;
     o.numerics = mode == 0 ? Numerics::kExact : Numerics::kDeployment;
+    o.tensor_core_experts = mode == 1;
     auto m = CudaModel::CreateRandom(c, o, 3);
     ASSERT_TRUE(m.ok()) << m.status();
     const int s = *(*m)->NewSequence();
@@ -289,14 +292,17 @@ TEST(CudaModelTest, DeploymentTensorCorePrefillTracksExact) {
     ASSERT_TRUE(r.ok()) << r.status();
     got[mode] = *r;
   }
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got[0].size(); ++i) {
-    num += (got[1][i] - got[0][i]) * (got[1][i] - got[0][i]);
-    den += got[0][i] * got[0][i];
-  }
-  const double rel = std::sqrt(num / den);
-  std::printf("deployment (tensor-core MoE) vs exact prefill: relative L2 %.4f\n", rel);
-  EXPECT_LT(rel, 0.05);
+  auto rel = [&](const std::vector<float>& a) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < got[0].size(); ++i) {
+      num += (a[i] - got[0][i]) * (a[i] - got[0][i]);
+      den += got[0][i] * got[0][i];
+    }
+    return std::sqrt(num / den);
+  };
+  const double tc = rel(got[1]), cc = rel(got[2]);
+  std::printf("deployment vs exact prefill, relative L2: tensor-core experts %.4f, CUDA-core experts %.4f\n", tc, cc);
+  EXPECT_LT(tc, 1.5 * cc + 0.01);
 }
 
 }  // namespace
