@@ -473,11 +473,16 @@ struct CudaModel::Impl {
     ASSIGN_OR_RETURN(float* u, Scratch<float>(NK * I));
     ASSIGN_OR_RETURN(float* y, Scratch<float>(NK * d));
     const ExpertStack& X = L.experts;
-    // Deployment numerics with many rows per expert (prefill): the tensor-core
-    // kernels on bf16 activations (dispatch rule in mxfp4.cuh); otherwise the
-    // CUDA-core kernels on f32 activations.
+    // Deployment numerics with several rows per expert on average: the
+    // tensor-core kernels on bf16 activations; otherwise the CUDA-core kernels
+    // on f32 activations. Grouped over a 256-expert stack the tensor cores win
+    // from ~4 rows per expert (bench/mxfp4_gemm: 256 tokens x 6 routed take
+    // 2.5 ms on CUDA cores, 512 tokens 1.35 ms on tensor cores: the grouped
+    // tensor-core kernel reads each expert once whatever its rows), below the
+    // 16 rows mxfp4.cuh measured for one expert matrix alone.
+    constexpr int64_t kTensorCoreRowsPerExpert = 4;
     const bool tensor_cores = X.mxfp4 && dense_bf16 && options.tensor_core_experts && d % 128 == 0 && I % 128 == 0 &&
-                              NK >= cuda::kMxFp4TensorCoreMinRows * groups;
+                              NK >= kTensorCoreRowsPerExpert * groups;
     if (tensor_cores) {
       ASSIGN_OR_RETURN(uint16_t* xb, Scratch<uint16_t>(N * d));
       RETURN_IF_ERROR(cuda::F32ToBf16(x, N * d, xb, st()));
