@@ -27,6 +27,8 @@
 #include <string>
 #include <vector>
 
+#include "bench/common/bench_util.h"
+#include "bench/common/cuda_timing.h"
 #include "model/kernels/cuda/cuda_runtime.cuh"
 #include "model/kernels/cuda/dense_gemm.cuh"
 #include "model/kernels/cuda/mxfp4.cuh"
@@ -35,47 +37,8 @@
 namespace retort {
 namespace {
 
-#define BENCH_CHECK(expr)                                                           \
-  do {                                                                              \
-    if (absl::Status s_ = (expr); !s_.ok()) {                                       \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
-      std::exit(1);                                                                 \
-    }                                                                               \
-  } while (0)
-
-template <typename T>
-T Value(absl::StatusOr<T> v) {
-  if (!v.ok()) {
-    std::fprintf(stderr, "%s\n", v.status().ToString().c_str());
-    std::exit(1);
-  }
-  return *std::move(v);
-}
-
-// Time in ms of one launch of `fn` on `stream`: the median over 5 rounds of
-// `reps` back-to-back launches between two events, divided by `reps` (so the
-// host's launch latency is hidden behind the queue, as in a decode loop).
-template <typename Fn>
-double TimeMs(cudaStream_t stream, int reps, Fn fn) {
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  for (int i = 0; i < 3; ++i) fn();
-  std::vector<float> ms;
-  for (int round = 0; round < 5; ++round) {
-    cudaEventRecord(a, stream);
-    for (int i = 0; i < reps; ++i) fn();
-    cudaEventRecord(b, stream);
-    cudaEventSynchronize(b);
-    float t = 0;
-    cudaEventElapsedTime(&t, a, b);
-    ms.push_back(t / reps);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+using bench::TimeMs;
+using bench::Value;
 
 // HBM bandwidth from a 1 GiB device-to-device copy (reads + writes), GB/s.
 double MeasureBandwidth(cudaStream_t stream) {
