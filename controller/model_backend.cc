@@ -99,14 +99,23 @@ class CudaBackend : public ModelBackend {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<v4::Model>> LoadCpuModelFromFlags() {
+namespace {
+
+// --model in the given numerics, with --threads applied to the CPU pool.
+absl::StatusOr<std::unique_ptr<v4::Model>> LoadCpuModel(v4::Numerics numerics) {
   const std::string dir = absl::GetFlag(FLAGS_model);
   // The CPU thread pool reads RETORT_NUM_THREADS when first used.
   if (absl::GetFlag(FLAGS_threads) > 0)
     setenv("RETORT_NUM_THREADS", std::to_string(absl::GetFlag(FLAGS_threads)).c_str(), 1);
   if (dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
-  ASSIGN_OR_RETURN(v4::Numerics numerics, NumericsFromFlags());
   return v4::Model::Load(dir, numerics);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<v4::Model>> LoadCpuModelFromFlags() {
+  ASSIGN_OR_RETURN(v4::Numerics numerics, NumericsFromFlags());
+  return LoadCpuModel(numerics);
 }
 
 absl::StatusOr<std::unique_ptr<ModelBackend>> LoadBackendFromFlags(int max_sequences, int64_t max_length) {
@@ -120,16 +129,12 @@ absl::StatusOr<std::unique_ptr<ModelBackend>> LoadBackendFromFlags(int max_seque
   ASSIGN_OR_RETURN(v4::Numerics numerics, NumericsFromFlags());
   // The weights load (and dequantize) on the host in exact form, then go to
   // the device in the numerics asked for.
-  const std::string saved = absl::GetFlag(FLAGS_numerics);
-  absl::SetFlag(&FLAGS_numerics, "exact");
-  auto host = LoadCpuModelFromFlags();
-  absl::SetFlag(&FLAGS_numerics, saved);
-  if (!host.ok()) return host.status();
+  ASSIGN_OR_RETURN(auto host, LoadCpuModel(v4::Numerics::kExact));
   v4::CudaModelOptions o;
   o.max_sequences = max_sequences;
   o.max_length = max_length;
   o.numerics = numerics;
-  ASSIGN_OR_RETURN(auto m, v4::CudaModel::Create(**host, o));
+  ASSIGN_OR_RETURN(auto m, v4::CudaModel::Create(*host, o));
   ASSIGN_OR_RETURN(std::string desc, cuda::DeviceDescription(0));
   return std::unique_ptr<ModelBackend>(new CudaBackend(std::move(m), desc));
 #else

@@ -14,6 +14,7 @@
 #include "model/kernels/cuda/cuda_runtime.cuh"
 #include "model/v4/cuda_model.h"
 #include "model/v4/model.h"
+#include "tests/v4/reference_fixture.h"
 
 namespace retort::v4 {
 namespace {
@@ -25,43 +26,25 @@ constexpr float kTol = 1e-3f;
 #define SKIP_WITHOUT_CUDA() \
   if (cuda::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device"
 
-struct Fixture {
-  std::unique_ptr<Model> host;
-  std::unique_ptr<CudaModel> dev;
-  std::shared_ptr<io::SafetensorsFile> expected;
-  Tensor ids;
-  int64_t B = 0, T = 0, V = 0;
+using testing::MaxAbsDiff;
+
+// The reference fixture and its model on the device.
+struct Fixture : testing::ReferenceFixture {
+  std::unique_ptr<CudaModel> dev;  // null when creating it failed (already reported)
 };
 
 Fixture LoadFixture(const std::string& name, Numerics numerics = Numerics::kExact, int max_sequences = 8) {
   Fixture f;
-  const std::string dir = "tests/fixtures/v4/" + name;
-  auto m = Model::Load(dir);
-  EXPECT_TRUE(m.ok()) << m.status();
-  if (!m.ok()) return f;
-  f.host = std::move(m).value();
+  static_cast<testing::ReferenceFixture&>(f) = testing::LoadReferenceFixture(name);
+  if (!f.model) return f;
   CudaModelOptions o;
   o.max_sequences = max_sequences;
   o.max_length = 256;
   o.numerics = numerics;
-  auto d = CudaModel::Create(*f.host, o);
+  auto d = CudaModel::Create(*f.model, o);
   EXPECT_TRUE(d.ok()) << d.status();
-  if (!d.ok()) return f;
-  f.dev = std::move(d).value();
-  auto e = io::SafetensorsFile::Open(dir + "/expected.safetensors");
-  EXPECT_TRUE(e.ok()) << e.status();
-  f.expected = *e;
-  f.ids = *f.expected->Get("input_ids");
-  f.B = f.ids.dim(0);
-  f.T = f.ids.dim(1);
-  f.V = f.host->config().vocab_size;
+  if (d.ok()) f.dev = std::move(d).value();
   return f;
-}
-
-float MaxAbsDiff(const float* a, const float* b, int64_t n) {
-  float m = 0.0f;
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(a[i] - b[i]));
-  return m;
 }
 
 int64_t ArgMax(const float* x, int64_t n) { return std::max_element(x, x + n) - x; }

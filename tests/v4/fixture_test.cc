@@ -7,41 +7,17 @@
 #include "gtest/gtest.h"
 #include "model/io/safetensors.h"
 #include "model/v4/model.h"
+#include "tests/v4/reference_fixture.h"
 
 namespace retort::v4 {
 namespace {
 
 constexpr float kTol = 1e-4f;
 
-struct Fixture {
-  std::unique_ptr<Model> model;
-  std::shared_ptr<io::SafetensorsFile> expected;
-  Tensor ids;
-  int64_t B = 0, T = 0, V = 0;
-};
+using Fixture = testing::ReferenceFixture;
+using testing::MaxAbsDiff;
 
-Fixture LoadFixture(const std::string& name) {
-  Fixture f;
-  const std::string dir = "tests/fixtures/v4/" + name;
-  auto m = Model::Load(dir);
-  EXPECT_TRUE(m.ok()) << m.status();
-  if (!m.ok()) return f;
-  f.model = std::move(m).value();
-  auto e = io::SafetensorsFile::Open(dir + "/expected.safetensors");
-  EXPECT_TRUE(e.ok()) << e.status();
-  f.expected = *e;
-  f.ids = *f.expected->Get("input_ids");
-  f.B = f.ids.dim(0);
-  f.T = f.ids.dim(1);
-  f.V = f.model->config().vocab_size;
-  return f;
-}
-
-float MaxAbsDiff(const float* a, const float* b, int64_t n) {
-  float m = 0.0f;
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(a[i] - b[i]));
-  return m;
-}
+Fixture LoadFixture(const std::string& name) { return testing::LoadReferenceFixture(name); }
 
 class V4FixtureTest : public ::testing::TestWithParam<std::string> {};
 
