@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <optional>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "model/base/logging.h"
@@ -18,6 +20,7 @@
 #include "model/kernels/cuda/compressor.cuh"
 #include "model/kernels/cuda/cuda_runtime.cuh"
 #include "model/kernels/cuda/dense_gemm.cuh"
+#include "model/kernels/cuda/fp8_gemm.cuh"
 #include "model/kernels/cuda/indexer.cuh"
 #include "model/kernels/cuda/mhc.cuh"
 #include "model/kernels/cuda/moe_router.cuh"
@@ -32,14 +35,20 @@ using io::AttentionKind;
 
 namespace {
 
-enum class WeightKind : uint8_t { kF32, kBf16, kMxFp4 };
+// Rows from which FP8 projections go to cuBLASLt's block-scaled GEMM rather
+// than the few-row kernel (which reads W once per 8 rows).
+constexpr int64_t kFp8CublasMinRows = 16;
+// Rows up to which bf16 projections use the few-row kernel (one pass over W).
+constexpr int64_t kFewRowMaxRows = 8;
 
-// y = x W^T on the device in one of three storage formats.
+enum class WeightKind : uint8_t { kF32, kBf16, kMxFp4, kFp8 };
+
+// y = x W^T on the device in one of four storage formats.
 struct DeviceLinear {
   int64_t out = 0, in = 0;
   WeightKind kind = WeightKind::kF32;
-  DeviceBuffer w;       // f32 / bf16 [out, in] or MXFP4 codes [out, in/2]
-  DeviceBuffer scales;  // E8M0 [out, in/32] (MXFP4 only)
+  DeviceBuffer w;       // f32 / bf16 / e4m3 [out, in] or MXFP4 codes [out, in/2]
+  DeviceBuffer scales;  // MXFP4: E8M0 [out, in/32]; FP8: f32 [ceil(out/128), ceil(in/128)]
   int64_t Bytes() const { return static_cast<int64_t>(w.bytes() + scales.bytes()); }
 };
 
@@ -72,7 +81,7 @@ struct DeviceLayer {
   DeviceHc attn_hc, ffn_hc;
   DeviceBuffer attn_norm, ffn_norm;
   DeviceLinear wq_a, wq_b, wkv, wo_b;
-  DeviceBuffer wo_a;  // [G, dg, per] f32 or bf16
+  DeviceLinear wo_a;  // [G * dg, per]: group g's rows g*dg.. read its heads' `per` inputs
   DeviceBuffer q_norm, kv_norm, sinks;
   DeviceCompressor comp;
   DeviceLinear idx_wq_b, idx_wproj;
@@ -126,6 +135,23 @@ absl::StatusOr<DeviceBuffer> ToBf16(const DeviceBuffer& f32, int64_t n) {
   return b;
 }
 
+// f32 [out, in] on the device -> FP8 e4m3 codes + f32 128 x 128 block scales.
+absl::Status QuantizeToFp8(const DeviceBuffer& f32, DeviceLinear& d) {
+  d.kind = WeightKind::kFp8;
+  ASSIGN_OR_RETURN(d.w, DeviceBuffer::Allocate(d.out * d.in));
+  ASSIGN_OR_RETURN(d.scales, DeviceBuffer::Allocate(sizeof(float) * ((d.out + 127) / 128) * ((d.in + 127) / 128)));
+  RETURN_IF_ERROR(cuda::Fp8QuantizeWeights(f32.as<float>(), d.out, d.in, d.w.as<uint8_t>(), d.scales.as<float>(),
+                                           nullptr));
+  RETORT_CUDA_RETURN(cudaDeviceSynchronize());
+  return absl::OkStatus();
+}
+
+// Deployment numerics keep a checkpoint's FP8 matrices FP8: their f32 values
+// are e4m3 x 2^k on the 128 x 128 grid, and re-quantizing them on that grid
+// gives the checkpoint's values back exactly. The few-row kernel needs in %
+// 16 == 0; other widths stay bf16.
+bool KeepFp8(const Linear& l, bool deployment) { return deployment && l.fp8 && l.in % 16 == 0; }
+
 absl::StatusOr<DeviceLinear> UploadLinear(const Linear& l, bool bf16) {
   DeviceLinear d;
   d.out = l.out, d.in = l.in;
@@ -136,6 +162,10 @@ absl::StatusOr<DeviceLinear> UploadLinear(const Linear& l, bool bf16) {
     return d;
   }
   ASSIGN_OR_RETURN(DeviceBuffer f, UploadTensor(l.weight));
+  if (KeepFp8(l, bf16)) {
+    RETURN_IF_ERROR(QuantizeToFp8(f, d));
+    return d;
+  }
   if (!bf16) {
     d.kind = WeightKind::kF32;
     d.w = std::move(f);
@@ -163,6 +193,12 @@ absl::StatusOr<DeviceLinear> RandomLinear(int64_t out, int64_t in, WeightKind ki
     case WeightKind::kBf16: {
       ASSIGN_OR_RETURN(d.w, DeviceBuffer::Allocate(sizeof(uint16_t) * n));
       RETURN_IF_ERROR(cuda::FillUniformBf16(d.w.as<uint16_t>(), n, seed, -a, a, nullptr));
+      break;
+    }
+    case WeightKind::kFp8: {  // uniform values on the FP8 grid
+      ASSIGN_OR_RETURN(DeviceBuffer f, DeviceBuffer::Allocate(sizeof(float) * n));
+      RETURN_IF_ERROR(cuda::FillUniform(f.as<float>(), n, seed, -a, a, nullptr));
+      RETURN_IF_ERROR(QuantizeToFp8(f, d));
       break;
     }
     case WeightKind::kMxFp4: {
@@ -222,6 +258,10 @@ struct CudaModel::Impl {
   cuda::Stream stream;
   cuda::Blas blas;
   DeviceBuffer blas_workspace;
+  // FP8 block GEMM plans by (padded rows, in, out), sharing one workspace;
+  // an empty entry: cuBLASLt has no algorithm for the shape.
+  std::map<std::tuple<int64_t, int64_t, int64_t>, std::optional<cuda::Fp8BlockGemm>> fp8_plans;
+  DeviceBuffer fp8_workspace;
   cuda::CachingAllocator alloc;
   std::vector<void*> step_allocs;
   // Logits [rows, V] and step metadata (pinned staging + device copy); the
@@ -254,10 +294,58 @@ struct CudaModel::Impl {
 
   ~Impl() {
     if (graph_exec) cudaGraphExecDestroy(graph_exec);
+    for (cudaEvent_t e : fork_events) cudaEventDestroy(e);
     FreeStepAllocs();
   }
 
-  cudaStream_t st() const { return stream.get(); }
+  // Side streams for the independent chains of a decode step (Branching),
+  // and the events that fork them from and join them to the main stream.
+  cuda::Stream side[2];
+  cuda::Blas side_blas[2];
+  DeviceBuffer side_blas_workspace[2];
+  std::vector<cudaEvent_t> fork_events;
+  size_t fork_used = 0;
+  cudaStream_t current = nullptr;  // where ops are enqueued; nullptr: the main stream
+
+  cudaStream_t st() const { return current ? current : stream.get(); }
+  // The cuBLAS handle of the current stream (each with its own workspace of
+  // the same size, so algorithm choices do not depend on the stream).
+  const cuda::Blas& Blas() const {
+    for (int i = 0; i < 2; ++i)
+      if (current && current == side[i].get()) return side_blas[i];
+    return blas;
+  }
+
+  // Enqueues on `s` while in scope.
+  struct OnStream {
+    Impl* m;
+    cudaStream_t prev;
+    OnStream(Impl* impl, cudaStream_t s) : m(impl), prev(impl->current) { m->current = s; }
+    ~OnStream() { m->current = prev; }
+  };
+  // Branch on decode-sized steps (prefill ops fill the GPU by themselves);
+  // profiling keeps one stream so per-op times stay separable.
+  bool Branching(const StepPlan& p) const { return p.N <= kFewRowMaxRows && !profiling; }
+  absl::StatusOr<cudaEvent_t> RecordOn(cudaStream_t s) {
+    if (fork_used == fork_events.size()) {
+      cudaEvent_t e = nullptr;
+      RETORT_CUDA_RETURN(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      fork_events.push_back(e);
+    }
+    cudaEvent_t e = fork_events[fork_used++];
+    RETORT_CUDA_RETURN(cudaEventRecord(e, s));
+    return e;
+  }
+  absl::Status Fork(int i) {  // side stream i waits for the main stream's work so far
+    ASSIGN_OR_RETURN(cudaEvent_t e, RecordOn(stream.get()));
+    RETORT_CUDA_RETURN(cudaStreamWaitEvent(side[i].get(), e, 0));
+    return absl::OkStatus();
+  }
+  absl::Status Join(int i) {  // the main stream waits for side stream i's work so far
+    ASSIGN_OR_RETURN(cudaEvent_t e, RecordOn(side[i].get()));
+    RETORT_CUDA_RETURN(cudaStreamWaitEvent(stream.get(), e, 0));
+    return absl::OkStatus();
+  }
 
   template <typename T>
   absl::StatusOr<T*> Scratch(int64_t n) {
@@ -301,11 +389,15 @@ struct CudaModel::Impl {
   absl::Status Apply(const DeviceLinear& l, const float* x, int64_t T, float* y) {
     switch (l.kind) {
       case WeightKind::kF32:
-        return cuda::MatMulF32(blas, x, T, l.in, l.w.as<float>(), l.out, y, st());
+        return cuda::MatMulF32(Blas(), x, T, l.in, l.w.as<float>(), l.out, y, st());
       case WeightKind::kBf16: {
+        // Decode-sized steps: one launch that rounds x to bf16 on load (no
+        // conversion kernel, no split-K reduction); cuBLAS otherwise.
+        if (T <= kFewRowMaxRows && l.in % 16 == 0)
+          return cuda::Bf16MatMulRows(x, T, l.in, l.w.as<uint16_t>(), l.out, l.in, y, st());
         ASSIGN_OR_RETURN(uint16_t* xb, Scratch<uint16_t>(T * l.in));
         RETURN_IF_ERROR(cuda::F32ToBf16(x, T * l.in, xb, st()));
-        return cuda::MatMulBf16(blas, xb, T, l.in, l.w.as<uint16_t>(), l.out, y, st());
+        return cuda::MatMulBf16(Blas(), xb, T, l.in, l.w.as<uint16_t>(), l.out, y, st());
       }
       case WeightKind::kMxFp4: {
         if (dense_bf16 && options.tensor_core_experts && T >= cuda::kMxFp4TensorCoreMinRows && l.in % 128 == 0) {
@@ -315,8 +407,81 @@ struct CudaModel::Impl {
         }
         return cuda::MxFp4MatMul(x, T, l.in, l.w.as<uint8_t>(), l.scales.as<uint8_t>(), l.out, y, st());
       }
+      case WeightKind::kFp8:
+        return ApplyFp8(l.w.as<uint8_t>(), l.scales.as<float>(), l.out, l.in, 1, x, T, l.in, y);
     }
     return absl::InternalError("unreachable");
+  }
+
+  // y [T, out] = x W^T for FP8 W [out, K] in `groups` groups of out/groups
+  // rows, group g reading columns [g K, (g+1) K) of x [T, ldx] (f32); y rows
+  // are contiguous [T, out]. Few rows, or shapes cuBLASLt's block-scaled
+  // kernels do not take: the few-row kernel on quant-dequantized x; else
+  // cuBLASLt per group on FP8 x. Both quantize x per 1 x 128 block of a group.
+  absl::Status ApplyFp8(const uint8_t* w, const float* w_scales, int64_t out, int64_t K, int groups, const float* x,
+                        int64_t T, int64_t ldx, float* y) {
+    const int64_t per = out / groups;
+    if (!options.fp8_activations) {  // W8A16: bf16 activations on the few-row kernel
+      ASSIGN_OR_RETURN(uint16_t* xb, Scratch<uint16_t>(T * ldx));
+      RETURN_IF_ERROR(cuda::F32ToBf16(x, T * ldx, xb, st()));
+      return cuda::Fp8MatMulRows(xb, T, ldx, w, w_scales, out, K, per, y, st());
+    }
+    const bool lt = T >= kFp8CublasMinRows && K % 512 == 0 && per % 16 == 0 && per % 128 == 0;
+    const cuda::Fp8BlockGemm* plan = nullptr;
+    if (lt) {
+      ASSIGN_OR_RETURN(plan, Fp8Plan(T, K, per));
+    }
+    if (plan == nullptr) {
+      ASSIGN_OR_RETURN(uint16_t* xq, Scratch<uint16_t>(T * ldx));
+      RETURN_IF_ERROR(cuda::Fp8QuantDequant(x, T, ldx, K, xq, st()));
+      return cuda::Fp8MatMulRows(xq, T, ldx, w, w_scales, out, K, per, y, st());
+    }
+    const int64_t Tp = cuda::Fp8ActScaleStride(T);
+    ASSIGN_OR_RETURN(uint8_t* xq, Scratch<uint8_t>(Tp * K));
+    ASSIGN_OR_RETURN(float* xs, Scratch<float>(Tp * (K / 128)));
+    const bool direct = groups == 1 && Tp == T;
+    float* yg = y;
+    if (!direct) {
+      ASSIGN_OR_RETURN(yg, Scratch<float>(Tp * per));
+    }
+    float* xg = nullptr;
+    if (groups > 1) {
+      ASSIGN_OR_RETURN(xg, Scratch<float>(T * K));
+    }
+    const int64_t kb = (K + 127) / 128;
+    for (int g = 0; g < groups; ++g) {
+      const float* xin = x;
+      if (groups > 1) {  // group g's columns, contiguous
+        RETORT_CUDA_RETURN(cudaMemcpy2DAsync(xg, sizeof(float) * K, x + g * K, sizeof(float) * ldx, sizeof(float) * K,
+                                             T, cudaMemcpyDeviceToDevice, st()));
+        xin = xg;
+      }
+      RETURN_IF_ERROR(cuda::Fp8QuantizeActivations(xin, T, K, cuda::Fp8ScaleRule::kPow2, xq, xs, st()));
+      RETURN_IF_ERROR(plan->Run(xq, xs, w + g * per * K, w_scales + g * (per / 128) * kb, yg, st()));
+      if (!direct)
+        RETORT_CUDA_RETURN(cudaMemcpy2DAsync(y + g * per, sizeof(float) * out, yg, sizeof(float) * per,
+                                             sizeof(float) * per, T, cudaMemcpyDeviceToDevice, st()));
+    }
+    return absl::OkStatus();
+  }
+
+  // The cuBLASLt plan for (T, in, out), made once (outside graph capture: a
+  // capture replays shapes its eager first call planned); nullptr when this
+  // cuBLASLt has no algorithm for it (the few-row kernel serves instead).
+  absl::StatusOr<const cuda::Fp8BlockGemm*> Fp8Plan(int64_t T, int64_t in, int64_t out) {
+    const auto key = std::make_tuple(cuda::Fp8ActScaleStride(T), in, out);
+    auto it = fp8_plans.find(key);
+    if (it != fp8_plans.end()) return it->second ? &*it->second : nullptr;
+    if (capturing) return absl::InternalError("FP8 GEMM plan first needed during graph capture");
+    if (!fp8_workspace.get()) {
+      ASSIGN_OR_RETURN(fp8_workspace, DeviceBuffer::Allocate(cuda::kFp8GemmWorkspaceBytes));
+    }
+    absl::StatusOr<cuda::Fp8BlockGemm> plan =
+        cuda::Fp8BlockGemm::Create(std::get<0>(key), in, out, cuda::Fp8GemmOutput::kF32, fp8_workspace.get());
+    if (!plan.ok() && plan.status().code() != absl::StatusCode::kUnimplemented) return plan.status();
+    auto& slot = fp8_plans[key];
+    if (plan.ok()) slot = std::move(*plan);
+    return slot ? &*slot : nullptr;
   }
 
   cuda::HcParams Hc() const {
@@ -363,35 +528,72 @@ struct CudaModel::Impl {
     ASSIGN_OR_RETURN(float* qr, Scratch<float>(N * dc));
     ASSIGN_OR_RETURN(float* q, Scratch<float>(N * H * D));
     ASSIGN_OR_RETURN(float* kv, Scratch<float>(N * D));
-    RETURN_IF_ERROR(Mark("attn.q/kv proj"));
-    RETURN_IF_ERROR(Apply(L.wq_a, x, N, qr));
-    RETURN_IF_ERROR(cuda::RmsNorm(qr, N, dc, L.q_norm.as<float>(), Eps(), qr, st()));
-    RETURN_IF_ERROR(Apply(L.wq_b, qr, N, q));
-    RETURN_IF_ERROR(cuda::RmsNorm(q, N * H, D, nullptr, Eps(), q, st()));
-    RETURN_IF_ERROR(Apply(L.wkv, x, N, kv));
-    RETURN_IF_ERROR(cuda::RmsNorm(kv, N, D, L.kv_norm.as<float>(), Eps(), kv, st()));
-    RETURN_IF_ERROR(cuda::RopeAtPositions(q, N, H, D, rd, d_positions, inv_freq[kind].as<float>(), 1.0f, st()));
-    RETURN_IF_ERROR(cuda::RopeAtPositions(kv, N, 1, D, rd, d_positions, inv_freq[kind].as<float>(), 1.0f, st()));
-
     const bool compressed = L.kind != AttentionKind::kSliding, csa = L.kind == AttentionKind::kCsa;
-    const int32_t* count = nullptr;
+    const int Hi = c.index_n_heads;
+    const int64_t Di = c.index_head_dim, k = c.index_topk;
+    float* iq = nullptr;
+    float* iw = nullptr;
+    if (csa) {
+      ASSIGN_OR_RETURN(iq, Scratch<float>(N * Hi * Di));
+      ASSIGN_OR_RETURN(iw, Scratch<float>(N * Hi));
+    }
+    // The independent chains of the layer's input x.
+    auto q_path = [&]() -> absl::Status {
+      RETURN_IF_ERROR(Apply(L.wq_a, x, N, qr));
+      RETURN_IF_ERROR(cuda::RmsNorm(qr, N, dc, L.q_norm.as<float>(), Eps(), qr, st()));
+      RETURN_IF_ERROR(Apply(L.wq_b, qr, N, q));
+      RETURN_IF_ERROR(cuda::RmsNorm(q, N * H, D, nullptr, Eps(), q, st()));
+      return cuda::RopeAtPositions(q, N, H, D, rd, d_positions, inv_freq[kind].as<float>(), 1.0f, st());
+    };
+    auto kv_path = [&]() -> absl::Status {
+      RETURN_IF_ERROR(Apply(L.wkv, x, N, kv));
+      RETURN_IF_ERROR(cuda::RmsNorm(kv, N, D, L.kv_norm.as<float>(), Eps(), kv, st()));
+      return cuda::RopeAtPositions(kv, N, 1, D, rd, d_positions, inv_freq[kind].as<float>(), 1.0f, st());
+    };
+    auto index_query = [&]() -> absl::Status {  // after q_path (reads qr)
+      RETURN_IF_ERROR(Apply(L.idx_wq_b, qr, N, iq));
+      return cuda::RopeAtPositions(iq, N, Hi, Di, rd, d_positions, inv_freq[1].as<float>(), 1.0f, st());
+    };
+    if (Branching(plan)) {
+      // Decode steps: side stream 0 runs the KV projection and the main
+      // compressor, side stream 1 the indexer's compressor and head weights,
+      // beside the query chain; all join before the indexer scores.
+      RETURN_IF_ERROR(Fork(0));
+      if (csa) RETURN_IF_ERROR(Fork(1));
+      {
+        OnStream on(this, side[0].get());
+        RETURN_IF_ERROR(kv_path());
+        if (compressed) RETURN_IF_ERROR(Compress(L.comp, P.kv, x, plan));
+      }
+      if (csa) {
+        OnStream on(this, side[1].get());
+        RETURN_IF_ERROR(Compress(L.idx_comp, P.index, x, plan));
+        RETURN_IF_ERROR(Apply(L.idx_wproj, x, N, iw));
+      }
+      RETURN_IF_ERROR(q_path());
+      if (csa) RETURN_IF_ERROR(index_query());
+      RETURN_IF_ERROR(Join(0));
+      if (csa) RETURN_IF_ERROR(Join(1));
+    } else {
+      RETURN_IF_ERROR(Mark("attn.q/kv proj"));
+      RETURN_IF_ERROR(q_path());
+      RETURN_IF_ERROR(kv_path());
+      if (compressed) {
+        RETURN_IF_ERROR(Mark("attn.compressor"));
+        RETURN_IF_ERROR(Compress(L.comp, P.kv, x, plan));
+      }
+      if (csa) {
+        RETURN_IF_ERROR(Compress(L.idx_comp, P.index, x, plan));
+        RETURN_IF_ERROR(Mark("attn.indexer"));
+        RETURN_IF_ERROR(index_query());
+        RETURN_IF_ERROR(Apply(L.idx_wproj, x, N, iw));
+      }
+    }
+
+    const int32_t* count = compressed ? d_visible.at(L.comp.ratio) : nullptr;
     const int32_t* selected = nullptr;
     int64_t sel_stride = 0;
-    if (compressed) {
-      RETURN_IF_ERROR(Mark("attn.compressor"));
-      RETURN_IF_ERROR(Compress(L.comp, P.kv, x, plan));
-      count = d_visible.at(L.comp.ratio);
-    }
     if (csa) {
-      RETURN_IF_ERROR(Compress(L.idx_comp, P.index, x, plan));
-      RETURN_IF_ERROR(Mark("attn.indexer"));
-      const int Hi = c.index_n_heads;
-      const int64_t Di = c.index_head_dim, k = c.index_topk;
-      ASSIGN_OR_RETURN(float* iq, Scratch<float>(N * Hi * Di));
-      ASSIGN_OR_RETURN(float* iw, Scratch<float>(N * Hi));
-      RETURN_IF_ERROR(Apply(L.idx_wq_b, qr, N, iq));
-      RETURN_IF_ERROR(cuda::RopeAtPositions(iq, N, Hi, Di, rd, d_positions, inv_freq[1].as<float>(), 1.0f, st()));
-      RETURN_IF_ERROR(Apply(L.idx_wproj, x, N, iw));
       ASSIGN_OR_RETURN(int32_t* sel, Scratch<int32_t>(N * k));
       ASSIGN_OR_RETURN(int32_t* cnt, Scratch<int32_t>(N));
       const int64_t bound = std::max<int64_t>(plan.visible_bound.at(L.comp.ratio), 1);
@@ -436,12 +638,14 @@ struct CudaModel::Impl {
     const int G = c.o_groups;
     const int64_t per = H * D / G, dg = c.o_lora_rank;
     ASSIGN_OR_RETURN(float* mid, Scratch<float>(N * G * dg));
-    if (dense_bf16) {
+    if (L.wo_a.kind == WeightKind::kFp8) {
+      RETURN_IF_ERROR(ApplyFp8(L.wo_a.w.as<uint8_t>(), L.wo_a.scales.as<float>(), G * dg, per, G, o, N, H * D, mid));
+    } else if (L.wo_a.kind == WeightKind::kBf16) {
       ASSIGN_OR_RETURN(uint16_t* ob, Scratch<uint16_t>(N * H * D));
       RETURN_IF_ERROR(cuda::F32ToBf16(o, N * H * D, ob, st()));
-      RETURN_IF_ERROR(cuda::GroupedProjectionBf16(blas, ob, N, H * D, G, per, L.wo_a.as<uint16_t>(), dg, mid, st()));
+      RETURN_IF_ERROR(cuda::GroupedProjectionBf16(Blas(), ob, N, H * D, G, per, L.wo_a.w.as<uint16_t>(), dg, mid, st()));
     } else {
-      RETURN_IF_ERROR(cuda::GroupedProjectionF32(blas, o, N, H * D, G, per, L.wo_a.as<float>(), dg, mid, st()));
+      RETURN_IF_ERROR(cuda::GroupedProjectionF32(Blas(), o, N, H * D, G, per, L.wo_a.w.as<float>(), dg, mid, st()));
     }
     return Apply(L.wo_b, mid, N, out);
   }
@@ -453,9 +657,30 @@ struct CudaModel::Impl {
     const int E = c.n_routed_experts, K = c.experts_per_token;
     const int64_t NK = N * K;
     const float limit = static_cast<float>(c.swiglu_limit);
+    float* shared = nullptr;
+    auto shared_expert = [&]() -> absl::Status {
+      const int64_t Is = L.sh_w1.out;
+      ASSIGN_OR_RETURN(float* sg, Scratch<float>(N * Is));
+      ASSIGN_OR_RETURN(float* su, Scratch<float>(N * Is));
+      RETURN_IF_ERROR(Apply(L.sh_w1, x, N, sg));
+      RETURN_IF_ERROR(Apply(L.sh_w3, x, N, su));
+      RETURN_IF_ERROR(cuda::SwiGlu(sg, su, N * Is, limit, sg, st()));
+      return Apply(L.sh_w2, sg, N, shared);
+    };
+    if (L.has_shared) {
+      ASSIGN_OR_RETURN(shared, Scratch<float>(N * d));
+    }
+    // Decode steps: the shared expert runs on side stream 0 beside the router
+    // and the routed experts.
+    const bool shared_branch = L.has_shared && Branching(plan);
+    if (shared_branch) {
+      RETURN_IF_ERROR(Fork(0));
+      OnStream on(this, side[0].get());
+      RETURN_IF_ERROR(shared_expert());
+    }
     RETURN_IF_ERROR(Mark("moe.router"));
     ASSIGN_OR_RETURN(float* logits, Scratch<float>(N * E));
-    RETURN_IF_ERROR(cuda::MatMulF32(blas, x, N, d, L.gate.as<float>(), E, logits, st()));
+    RETURN_IF_ERROR(cuda::MatMulF32(Blas(), x, N, d, L.gate.as<float>(), E, logits, st()));
     ASSIGN_OR_RETURN(int32_t* idx, Scratch<int32_t>(NK));
     ASSIGN_OR_RETURN(float* wts, Scratch<float>(NK));
     RETURN_IF_ERROR(cuda::MoeRoute(logits, N, E, K, L.hash_routed ? nullptr : L.bias.as<float>(),
@@ -517,28 +742,21 @@ struct CudaModel::Impl {
         const int64_t m0 = off[gi], n = off[gi + 1] - off[gi];
         if (n == 0) continue;
         const int64_t e = ex[gi];
-        RETURN_IF_ERROR(cuda::MatMulF32(blas, xg + m0 * d, n, d, X.w1.as<float>() + e * I * d, I, g + m0 * I, st()));
-        RETURN_IF_ERROR(cuda::MatMulF32(blas, xg + m0 * d, n, d, X.w3.as<float>() + e * I * d, I, u + m0 * I, st()));
+        RETURN_IF_ERROR(cuda::MatMulF32(Blas(), xg + m0 * d, n, d, X.w1.as<float>() + e * I * d, I, g + m0 * I, st()));
+        RETURN_IF_ERROR(cuda::MatMulF32(Blas(), xg + m0 * d, n, d, X.w3.as<float>() + e * I * d, I, u + m0 * I, st()));
       }
       RETURN_IF_ERROR(cuda::SwiGlu(g, u, NK * I, limit, g, st()));
       for (int gi = 0; gi < groups; ++gi) {
         const int64_t m0 = off[gi], n = off[gi + 1] - off[gi];
         if (n == 0) continue;
         const int64_t e = ex[gi];
-        RETURN_IF_ERROR(cuda::MatMulF32(blas, g + m0 * I, n, I, X.w2.as<float>() + e * d * I, d, y + m0 * d, st()));
+        RETURN_IF_ERROR(cuda::MatMulF32(Blas(), g + m0 * I, n, I, X.w2.as<float>() + e * d * I, d, y + m0 * d, st()));
       }
     }
-    float* shared = nullptr;
-    if (L.has_shared) {
+    if (shared_branch) RETURN_IF_ERROR(Join(0));
+    if (L.has_shared && !shared_branch) {
       RETURN_IF_ERROR(Mark("moe.shared"));
-      const int64_t Is = L.sh_w1.out;
-      ASSIGN_OR_RETURN(float* sg, Scratch<float>(N * Is));
-      ASSIGN_OR_RETURN(float* su, Scratch<float>(N * Is));
-      ASSIGN_OR_RETURN(shared, Scratch<float>(N * d));
-      RETURN_IF_ERROR(Apply(L.sh_w1, x, N, sg));
-      RETURN_IF_ERROR(Apply(L.sh_w3, x, N, su));
-      RETURN_IF_ERROR(cuda::SwiGlu(sg, su, N * Is, limit, sg, st()));
-      RETURN_IF_ERROR(Apply(L.sh_w2, sg, N, shared));
+      RETURN_IF_ERROR(shared_expert());
     }
     RETURN_IF_ERROR(Mark("moe.combine"));
     return cuda::MoeCombine(y, slot_pos, wts, N, K, d, shared, out, st());
@@ -645,6 +863,7 @@ struct CudaModel::Impl {
     const int hc = c.hc_mult;
     const int64_t N = plan.N, d = c.hidden_size, V = c.vocab_size;
     const cuda::HcParams hp = Hc();
+    fork_used = 0;
     RETURN_IF_ERROR(Mark("embed"));
     ASSIGN_OR_RETURN(float* X, Scratch<float>(N * hc * d));
     ASSIGN_OR_RETURN(float* u, Scratch<float>(N * d));
@@ -730,11 +949,21 @@ struct CudaModel::Impl {
   absl::Status InitRuntime() {
     RETORT_CUDA_RETURN(cudaSetDevice(options.device));
     ASSIGN_OR_RETURN(stream, cuda::Stream::Create());
+    for (cuda::Stream& s : side) {
+      ASSIGN_OR_RETURN(s, cuda::Stream::Create());
+    }
     ASSIGN_OR_RETURN(blas, cuda::Blas::Create());
     // A fixed cuBLAS workspace so GEMMs can be captured in CUDA graphs.
     ASSIGN_OR_RETURN(blas_workspace, DeviceBuffer::Allocate(size_t{32} << 20));
     if (cublasSetWorkspace(blas.get(), blas_workspace.get(), blas_workspace.bytes()) != CUBLAS_STATUS_SUCCESS)
       return absl::InternalError("cublasSetWorkspace failed");
+    for (int i = 0; i < 2; ++i) {
+      ASSIGN_OR_RETURN(side_blas[i], cuda::Blas::Create());
+      ASSIGN_OR_RETURN(side_blas_workspace[i], DeviceBuffer::Allocate(blas_workspace.bytes()));
+      if (cublasSetWorkspace(side_blas[i].get(), side_blas_workspace[i].get(), side_blas_workspace[i].bytes()) !=
+          CUBLAS_STATUS_SUCCESS)
+        return absl::InternalError("cublasSetWorkspace failed");
+    }
     for (int k = 0; k < 2; ++k) {
       ASSIGN_OR_RETURN(inv_freq[k], UploadBytes(inv_freq_host[k].data(), sizeof(float) * inv_freq_host[k].size()));
     }
@@ -833,9 +1062,13 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Create(const Model& host, 
     ASSIGN_OR_RETURN(D.wkv, UploadLinear(a.wkv, bf16));
     ASSIGN_OR_RETURN(D.wo_b, UploadLinear(a.wo_b, bf16));
     if (a.wo_a.mxfp4) return absl::InvalidArgumentError(absl::StrCat("layer ", l, ": MXFP4 wo_a is not supported"));
-    ASSIGN_OR_RETURN(D.wo_a, UploadTensor(a.wo_a.weight));
-    if (bf16) {
-      ASSIGN_OR_RETURN(D.wo_a, ToBf16(D.wo_a, a.wo_a.out * a.wo_a.in));
+    ASSIGN_OR_RETURN(D.wo_a, UploadLinear(a.wo_a, bf16));
+    if (D.wo_a.kind == WeightKind::kFp8 && c.o_groups > 1 && c.o_lora_rank % 2 != 0) {
+      // The few-row kernel's row pairs must not straddle two groups.
+      ASSIGN_OR_RETURN(DeviceBuffer f, UploadTensor(a.wo_a.weight));
+      D.wo_a.kind = WeightKind::kBf16;
+      D.wo_a.scales = DeviceBuffer();
+      ASSIGN_OR_RETURN(D.wo_a.w, ToBf16(f, a.wo_a.out * a.wo_a.in));
     }
     ASSIGN_OR_RETURN(D.q_norm, UploadTensor(a.q_norm));
     ASSIGN_OR_RETURN(D.kv_norm, UploadTensor(a.kv_norm));
@@ -881,6 +1114,10 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::CreateRandom(const io::V4C
   const bool bf16 = options.numerics == Numerics::kDeployment;
   impl->dense_bf16 = bf16;
   const WeightKind dense = bf16 ? WeightKind::kBf16 : WeightKind::kF32;
+  // The matrices V4 checkpoints ship FP8 (V4_SPEC §4: attention, indexer
+  // wq_b, shared expert) are FP8 in deployment numerics, as a loaded
+  // checkpoint's are.
+  const WeightKind fp8 = bf16 ? WeightKind::kFp8 : WeightKind::kF32;
   uint64_t s = seed * 1000003;
   auto next = [&] { return s += 7919; };
   const int hc = c.hc_mult;
@@ -912,13 +1149,12 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::CreateRandom(const io::V4C
     ASSIGN_OR_RETURN(L.ffn_hc, hc_weights((2 + hc) * hc));
     ASSIGN_OR_RETURN(L.attn_norm, ConstF32(d, 1.0f));
     ASSIGN_OR_RETURN(L.ffn_norm, ConstF32(d, 1.0f));
-    ASSIGN_OR_RETURN(L.wq_a, RandomLinear(c.q_lora_rank, d, dense, next()));
-    ASSIGN_OR_RETURN(L.wq_b, RandomLinear(H * D, c.q_lora_rank, dense, next()));
-    ASSIGN_OR_RETURN(L.wkv, RandomLinear(D, d, dense, next()));
+    ASSIGN_OR_RETURN(L.wq_a, RandomLinear(c.q_lora_rank, d, fp8, next()));
+    ASSIGN_OR_RETURN(L.wq_b, RandomLinear(H * D, c.q_lora_rank, fp8, next()));
+    ASSIGN_OR_RETURN(L.wkv, RandomLinear(D, d, fp8, next()));
     const int64_t per = H * D / c.o_groups;
-    ASSIGN_OR_RETURN(DeviceLinear wo_a, RandomLinear(c.o_groups * c.o_lora_rank, per, dense, next()));
-    L.wo_a = std::move(wo_a.w);
-    ASSIGN_OR_RETURN(L.wo_b, RandomLinear(d, c.o_groups * c.o_lora_rank, dense, next()));
+    ASSIGN_OR_RETURN(L.wo_a, RandomLinear(c.o_groups * c.o_lora_rank, per, fp8, next()));
+    ASSIGN_OR_RETURN(L.wo_b, RandomLinear(d, c.o_groups * c.o_lora_rank, fp8, next()));
     ASSIGN_OR_RETURN(L.q_norm, ConstF32(c.q_lora_rank, 1.0f));
     ASSIGN_OR_RETURN(L.kv_norm, ConstF32(D, 1.0f));
     ASSIGN_OR_RETURN(L.sinks, ConstF32(H, 0.0f));
@@ -927,7 +1163,7 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::CreateRandom(const io::V4C
       ASSIGN_OR_RETURN(L.comp, compressor(m, D, L.kind == AttentionKind::kCsa));
     }
     if (L.kind == AttentionKind::kCsa) {
-      ASSIGN_OR_RETURN(L.idx_wq_b, RandomLinear(c.index_n_heads * c.index_head_dim, c.q_lora_rank, dense, next()));
+      ASSIGN_OR_RETURN(L.idx_wq_b, RandomLinear(c.index_n_heads * c.index_head_dim, c.q_lora_rank, fp8, next()));
       ASSIGN_OR_RETURN(L.idx_wproj, RandomLinear(c.index_n_heads, d, dense, next()));
       ASSIGN_OR_RETURN(L.idx_comp, compressor(m, c.index_head_dim, true));
     }
@@ -947,9 +1183,9 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::CreateRandom(const io::V4C
     L.has_shared = c.n_shared_experts > 0;
     if (L.has_shared) {
       const int64_t Is = I * c.n_shared_experts;
-      ASSIGN_OR_RETURN(L.sh_w1, RandomLinear(Is, d, WeightKind::kMxFp4, next()));
-      ASSIGN_OR_RETURN(L.sh_w3, RandomLinear(Is, d, WeightKind::kMxFp4, next()));
-      ASSIGN_OR_RETURN(L.sh_w2, RandomLinear(d, Is, WeightKind::kMxFp4, next()));
+      ASSIGN_OR_RETURN(L.sh_w1, RandomLinear(Is, d, fp8, next()));
+      ASSIGN_OR_RETURN(L.sh_w3, RandomLinear(Is, d, fp8, next()));
+      ASSIGN_OR_RETURN(L.sh_w2, RandomLinear(d, Is, fp8, next()));
     }
     impl->layers.push_back(std::move(L));
   }
@@ -1105,7 +1341,7 @@ int64_t CudaModel::WeightBytes() const {
     for (const DeviceLinear* x : {&L.wq_a, &L.wq_b, &L.wkv, &L.wo_b, &L.idx_wq_b, &L.idx_wproj, &L.comp.wkv,
                                   &L.comp.wgate, &L.idx_comp.wkv, &L.idx_comp.wgate, &L.sh_w1, &L.sh_w3, &L.sh_w2})
       b += x->Bytes();
-    b += static_cast<int64_t>(L.wo_a.bytes() + L.q_norm.bytes() + L.kv_norm.bytes() + L.sinks.bytes() +
+    b += L.wo_a.Bytes() + static_cast<int64_t>(L.q_norm.bytes() + L.kv_norm.bytes() + L.sinks.bytes() +
                               L.gate.bytes() + L.bias.bytes() + L.comp.ape.bytes() + L.idx_comp.ape.bytes());
     b += L.experts.BytesPerExpert(1);
   }

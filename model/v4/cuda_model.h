@@ -11,10 +11,13 @@
 //
 // Numerics: kExact runs the reference math in fp32 (dense weights f32 through
 // pedantic cuBLAS, MXFP4 experts decoded exactly in registers) and matches
-// the CPU Model within 1e-3 on the fixtures; kDeployment holds dense
-// projections (attention, compressors, indexer, shared expert if dense, LM
-// head) in bf16 with bf16 activations and fp32 accumulation; norms, mHC,
-// router, softmaxes and state stay fp32.
+// the CPU Model within 1e-3 on the fixtures; kDeployment holds the matrices a
+// V4 checkpoint ships FP8 (attention wq_a/wq_b/wkv/wo_a/wo_b, indexer wq_b,
+// shared expert) as FP8 e4m3 with 128 x 128 block scales, multiplied with
+// FP8-quantized activations (Options.fp8_activations), the other dense
+// projections (compressors, indexer weights_proj, LM head) in bf16 with bf16
+// activations, all with fp32 accumulation; norms, mHC, router, softmaxes and
+// state stay fp32.
 //
 // Thread-compatible: one thread drives a CudaModel (it owns one stream and one
 // cuBLAS handle). Errors: bad input (unknown sequence, token outside the
@@ -47,6 +50,12 @@ struct CudaModelOptions {
   // where the groups are large enough (mxfp4.cuh's rule). Default true;
   // false keeps them on the CUDA-core kernels (f32 activations).
   bool tensor_core_experts = true;
+  // Deployment numerics: the FP8 matrices (attention, indexer wq_b, shared
+  // expert) multiply activations quantized to e4m3 per 1 x 128 block, as V4
+  // deploys them. Default true; false keeps those activations bf16 (W8A16:
+  // closer to the bf16 reference, every row count on the few-row kernel, so
+  // prefill is slower).
+  bool fp8_activations = true;
 };
 
 // Per-op device time of the steps run with profiling on (ms, summed).

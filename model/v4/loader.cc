@@ -72,6 +72,9 @@ class WeightLoader {
     Linear l;
     l.out = out;
     l.in = in;
+    ASSIGN_OR_RETURN(std::string name, Resolve(names));
+    ASSIGN_OR_RETURN(io::TensorEntry e, ckpt_.Entry(name));
+    l.fp8 = e.dtype == DType::kF8E4M3;
     ASSIGN_OR_RETURN(l.weight, F32(names, {out, in}));
     return l;
   }

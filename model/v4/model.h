@@ -39,6 +39,9 @@ struct Linear {
   int64_t out = 0;
   int64_t in = 0;
   bool mxfp4 = false;
+  // The checkpoint stored it FP8 e4m3 with 128 x 128 block scales (dequantized
+  // exactly into `weight`): the CUDA deployment path keeps it FP8.
+  bool fp8 = false;
   Tensor weight;  // f32 [out, in] or u8 codes
   Tensor scales;  // e8m0, mxfp4 only
   void Apply(const float* x, int64_t rows, float* y) const;

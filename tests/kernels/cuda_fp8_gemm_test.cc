@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -214,6 +215,172 @@ TEST(CudaFp8GemmTest, RejectsUnsupportedShapes) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(cuda::Fp8BlockGemm::Create(0, 512, 128, cuda::Fp8GemmOutput::kBf16).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// ---- FP8 weights: block quantizer, activation quant-dequant, few-row GEMM ----
+
+TEST(CudaFp8GemmTest, WeightQuantizerMatchesHostBitForBit) {
+  RETORT_SKIP_WITHOUT_CUDA();
+  std::mt19937_64 rng(11);
+  for (auto [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {7, 19}, {111, 989}, {300, 257}, {256, 128}}) {
+    std::vector<float> w = testing::RandomFloats(rng, rows * cols, -3.0f, 3.0f);
+    for (int64_t c = 0; c < std::min<int64_t>(cols, 128); ++c) w[c] = 0.0f;  // an all-zero first block when rows <= 1
+    const int64_t ns = ((rows + 127) / 128) * ((cols + 127) / 128);
+    std::vector<uint8_t> hq(rows * cols), hs(ns);
+    cpu::QuantizeFp8Blocks(w.data(), rows, cols, hq.data(), hs.data());
+    auto dw = Up(w);
+    auto dq = Zeros(rows * cols), dsc = Zeros(4 * ns);
+    ASSERT_TRUE(cuda::Fp8QuantizeWeights(dw.as<float>(), rows, cols, dq.as<uint8_t>(), dsc.as<float>(), nullptr).ok());
+    const auto gq = Down<uint8_t>(dq, rows * cols);
+    const auto gs = Down<float>(dsc, ns);
+    for (int64_t i = 0; i < ns; ++i) ASSERT_EQ(gs[i], E8M0ToF32(hs[i])) << rows << "x" << cols << " scale " << i;
+    for (int64_t i = 0; i < rows * cols; ++i) ASSERT_EQ(gq[i], hq[i]) << rows << "x" << cols << " element " << i;
+  }
+}
+
+// Host twin of Fp8QuantDequant: blocks of 128 restarting at every group.
+std::vector<float> HostQuantDequant(const std::vector<float>& x, int64_t T, int64_t in, int64_t group_in) {
+  std::vector<float> q(x.size());
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g0 = 0; g0 < in; g0 += group_in)
+      for (int64_t k0 = g0; k0 < g0 + group_in; k0 += 128) {
+        const int64_t k1 = std::min(k0 + 128, g0 + group_in);
+        float amax = 0.0f;
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[t * in + k]));
+        const float sc = HostBlockScale(amax, cuda::Fp8ScaleRule::kPow2);
+        for (int64_t k = k0; k < k1; ++k) q[t * in + k] = E4M3ToF32(F32ToE4M3(x[t * in + k] / sc)) * sc;
+      }
+  return q;
+}
+
+struct RowsCase {
+  int64_t T, out, K, groups;
+};
+
+// y from Fp8QuantDequant + Fp8MatMulRows on device copies of x and W.
+std::vector<float> RunRows(const RowsCase& c, const std::vector<float>& x, const std::vector<float>& w,
+                           std::vector<float>* xq_host = nullptr) {
+  const int64_t ldx = c.groups * c.K, ns = ((c.out + 127) / 128) * ((c.K + 127) / 128);
+  auto dx = Up(x), dw = Up(w);
+  auto dxq = Zeros(2 * std::max<int64_t>(1, c.T * ldx)), dq = Zeros(c.out * c.K), dsc = Zeros(4 * ns);
+  auto dy = Zeros(4 * std::max<int64_t>(1, c.T * c.out));
+  EXPECT_TRUE(cuda::Fp8QuantizeWeights(dw.as<float>(), c.out, c.K, dq.as<uint8_t>(), dsc.as<float>(), nullptr).ok());
+  EXPECT_TRUE(cuda::Fp8QuantDequant(dx.as<float>(), c.T, ldx, c.K, dxq.as<uint16_t>(), nullptr).ok());
+  absl::Status st = cuda::Fp8MatMulRows(dxq.as<uint16_t>(), c.T, ldx, dq.as<uint8_t>(), dsc.as<float>(), c.out, c.K,
+                                        c.out / c.groups, dy.as<float>(), nullptr);
+  EXPECT_TRUE(st.ok()) << st;
+  if (xq_host) {
+    const auto b = Down<uint16_t>(dxq, c.T * ldx);
+    xq_host->resize(b.size());
+    for (size_t i = 0; i < b.size(); ++i) (*xq_host)[i] = Bf16ToF32(b[i]);
+  }
+  return Down<float>(dy, c.T * c.out);
+}
+
+// Bound per output: |got - want| <= 2^-16 * sum_k |x_k w_k| + 1e-7, where
+// want is the double-precision product of the host twins' dequantized x and W:
+// the kernel's products are exact (e4m3 x bf16 with <= 4 significant bits
+// each), so only fp32 summation (16-term chunks, then lanes and warps) is
+// left. A wrong scale block or group offset misses by O(1) relative.
+TEST(CudaFp8GemmTest, FewRowGemmMatchesHostTwinAtOddShapes) {
+  RETORT_SKIP_WITHOUT_CUDA();
+  std::mt19937_64 rng(5);
+  const std::vector<RowsCase> cases = {{1, 1, 16, 1},    {7, 7, 304, 1},    {19, 111, 64, 1}, {3, 989, 1040, 1},
+                                       {1, 512, 4096, 1}, {9, 256, 8192, 1}, {5, 76, 160, 2},  {1, 1024, 256, 8},
+                                       {16, 64, 128, 2},  {0, 8, 32, 1}};
+  for (const RowsCase& c : cases) {
+    const int64_t ldx = c.groups * c.K, per = c.out / c.groups;
+    std::vector<float> x = testing::RandomFloats(rng, c.T * ldx, -2.0f, 2.0f);
+    for (int64_t t = 0; t < c.T; t += 3)  // some rows at other magnitudes
+      for (int64_t k = 0; k < ldx; ++k) x[t * ldx + k] *= std::exp2(static_cast<float>((t % 5) * 3 - 6));
+    const std::vector<float> w = testing::RandomFloats(rng, c.out * c.K, -0.5f, 0.5f);
+    std::vector<float> xq_dev;
+    const std::vector<float> got = RunRows(c, x, w, &xq_dev);
+    const std::vector<float> xq = HostQuantDequant(x, c.T, ldx, c.K);
+    for (size_t i = 0; i < xq.size(); ++i) ASSERT_EQ(xq_dev[i], xq[i]) << "quant-dequant element " << i;
+    const int64_t ns = ((c.out + 127) / 128) * ((c.K + 127) / 128);
+    std::vector<uint8_t> wq(c.out * c.K), ws(ns);
+    std::vector<float> wd(c.out * c.K);
+    cpu::QuantizeFp8Blocks(w.data(), c.out, c.K, wq.data(), ws.data());
+    cpu::DequantizeFp8Blocks(wq.data(), ws.data(), c.out, c.K, wd.data());
+    double worst = 0.0;
+    for (int64_t t = 0; t < c.T; ++t)
+      for (int64_t o = 0; o < c.out; ++o) {
+        double want = 0.0, mag = 0.0;
+        const int64_t g = o / per;
+        for (int64_t k = 0; k < c.K; ++k) {
+          const double p = static_cast<double>(xq[t * ldx + g * c.K + k]) * wd[o * c.K + k];
+          want += p, mag += std::fabs(p);
+        }
+        const double err = std::fabs(got[t * c.out + o] - want), bound = std::ldexp(mag, -16) + 1e-7;
+        ASSERT_LE(err, bound) << "T=" << c.T << " out=" << c.out << " K=" << c.K << " groups=" << c.groups
+                              << " at (" << t << ", " << o << "): got " << got[t * c.out + o] << " want " << want;
+        worst = std::max(worst, err / std::max(mag, 1e-30));
+      }
+    std::printf("few-row FP8 GEMM T=%lld out=%lld K=%lld groups=%lld: worst err / sum|x w| = %.2e\n",
+                static_cast<long long>(c.T), static_cast<long long>(c.out), static_cast<long long>(c.K),
+                static_cast<long long>(c.groups), worst);
+  }
+}
+
+// Each row's sum runs in one fixed order whatever the other rows: a row alone
+// and the same row inside a batch of 13 (two passes) agree bit for bit, and
+// two runs agree bit for bit.
+TEST(CudaFp8GemmTest, FewRowGemmIsBatchInvariantAndDeterministic) {
+  RETORT_SKIP_WITHOUT_CUDA();
+  std::mt19937_64 rng(8);
+  const RowsCase batch{13, 300, 1024, 1}, one{1, 300, 1024, 1};
+  const std::vector<float> x = testing::RandomFloats(rng, batch.T * batch.K);
+  const std::vector<float> w = testing::RandomFloats(rng, batch.out * batch.K, -0.1f, 0.1f);
+  const std::vector<float> a = RunRows(batch, x, w), b = RunRows(batch, x, w);
+  ASSERT_EQ(a, b);
+  for (int64_t t : {0, 7, 12}) {
+    const std::vector<float> xt(x.begin() + t * batch.K, x.begin() + (t + 1) * batch.K);
+    const std::vector<float> y = RunRows(one, xt, w);
+    for (int64_t o = 0; o < batch.out; ++o) ASSERT_EQ(y[o], a[t * batch.out + o]) << "row " << t << " col " << o;
+  }
+}
+
+// bf16 weights through the same kernel: x rounded to bf16 on load. Bound as
+// above (products of two bf16 are exact in fp32).
+TEST(CudaFp8GemmTest, Bf16FewRowGemmMatchesHostTwin) {
+  RETORT_SKIP_WITHOUT_CUDA();
+  std::mt19937_64 rng(21);
+  for (auto [T, out, K] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {1, 1, 16}, {7, 19, 304}, {19, 111, 64}, {1, 989, 4096}, {3, 64, 1040}}) {
+    const std::vector<float> x = testing::RandomFloats(rng, T * K, -2.0f, 2.0f);
+    const std::vector<float> w = testing::RandomFloats(rng, out * K, -0.5f, 0.5f);
+    std::vector<uint16_t> wb(w.size());
+    for (size_t i = 0; i < w.size(); ++i) wb[i] = F32ToBf16(w[i]);
+    auto dx = Up(x);
+    auto dw = Up(wb);
+    auto dy = Zeros(4 * T * out);
+    ASSERT_TRUE(cuda::Bf16MatMulRows(dx.as<float>(), T, K, dw.as<uint16_t>(), out, K, dy.as<float>(), nullptr).ok());
+    const auto got = Down<float>(dy, T * out);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t o = 0; o < out; ++o) {
+        double want = 0.0, mag = 0.0;
+        for (int64_t k = 0; k < K; ++k) {
+          const double p = static_cast<double>(Bf16ToF32(F32ToBf16(x[t * K + k]))) * Bf16ToF32(wb[o * K + k]);
+          want += p, mag += std::fabs(p);
+        }
+        ASSERT_LE(std::fabs(got[t * out + o] - want), std::ldexp(mag, -16) + 1e-7)
+            << "T=" << T << " out=" << out << " K=" << K << " at (" << t << ", " << o << ")";
+      }
+  }
+}
+
+TEST(CudaFp8GemmTest, FewRowGemmRejectsBadShapes) {
+  RETORT_SKIP_WITHOUT_CUDA();
+  auto d = Zeros(1 << 16);
+  const auto* x = d.as<uint16_t>();
+  const auto* w = d.as<uint8_t>();
+  const auto* s = d.as<float>();
+  float* y = d.as<float>();
+  EXPECT_EQ(cuda::Fp8MatMulRows(x, 1, 24, w, s, 8, 24, 8, y, nullptr).code(), absl::StatusCode::kInvalidArgument);  // K % 16
+  EXPECT_EQ(cuda::Fp8MatMulRows(x, 1, 32, w, s, 9, 16, 3, y, nullptr).code(), absl::StatusCode::kInvalidArgument);  // odd groups
+  EXPECT_EQ(cuda::Fp8MatMulRows(x, 1, 16, w, s, 8, 16, 4, y, nullptr).code(), absl::StatusCode::kInvalidArgument);  // ldx short
+  EXPECT_EQ(cuda::Fp8QuantDequant(s, 1, 100, 30, d.as<uint16_t>(), nullptr).code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

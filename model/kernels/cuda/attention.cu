@@ -14,6 +14,7 @@ namespace {
 constexpr int kHeadsPerBlock = 8;  // one warp per head
 constexpr int kKeyTile = 16;
 constexpr int kMaxPerLane = 16;    // D <= 512
+constexpr int kMaxSplits = 64;     // StepAttentionSplits' cap
 
 // Where query row `row` finds its keys: the window keys first (positions
 // first..first+nwin-1), then `ncomp` compressed entries.
@@ -89,9 +90,13 @@ __device__ __forceinline__ void AttendRow(const Args& a, const Keys& keys, int64
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyTile) {
     const int nt = static_cast<int>(k_end - k0 < kKeyTile ? k_end - k0 : kKeyTile);
     __syncthreads();  // previous tile consumed
-    for (int64_t idx = threadIdx.x; idx < nt * D; idx += blockDim.x) {
-      const int64_t j = k0 + idx / D, e = idx % D;
-      ktile[idx] = keys.Key(j)[e];
+    // Stage the tile: warp w copies keys w, w + 8, ... with float4 loads, the
+    // key's address resolved once (ring / this step's rows / selected entry).
+    for (int j = warp; j < nt; j += kHeadsPerBlock) {
+      const float4* src = reinterpret_cast<const float4*>(keys.Key(k0 + j));
+      float4* dst = reinterpret_cast<float4*>(ktile + j * D);
+#pragma unroll 4
+      for (int e = lane; e < per * 8; e += 32) dst[e] = __ldg(src + e);
     }
     __syncthreads();
     if (!active) continue;
@@ -160,25 +165,34 @@ __global__ void __launch_bounds__(kHeadsPerBlock * 32) StepAttentionKernel(StepA
 }
 
 // grid (N, H), D threads: merges the splits of one (row, head) with the sink.
+// The splits' weights exp(m_z - M) are computed once, in shared memory.
 __global__ void StepAttentionCombineKernel(StepAttentionArgs a, int splits) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float inv_denom;
   const int64_t row = blockIdx.x, h = blockIdx.y, D = a.D;
   const float* pp = a.partial + (row * a.H + h) * splits * (D + 2);
-  const float sink = a.sinks[h];
-  float M = sink;
-  for (int z = 0; z < splits; ++z)
-    if (pp[z * (D + 2) + 1] > 0.0f) M = fmaxf(M, pp[z * (D + 2)]);
-  float denom = expf(sink - M);
-  for (int z = 0; z < splits; ++z) {
-    const float l = pp[z * (D + 2) + 1];
-    if (l > 0.0f) denom += l * expf(pp[z * (D + 2)] - M);
-  }
-  for (int64_t e = threadIdx.x; e < D; e += blockDim.x) {
-    float acc = 0.0f;
+  if (threadIdx.x < 32) {
+    const float sink = a.sinks[h];
+    float M = sink;
+    for (int z = 0; z < splits; ++z)
+      if (pp[z * (D + 2) + 1] > 0.0f) M = fmaxf(M, pp[z * (D + 2)]);
+    float denom = expf(sink - M);
     for (int z = 0; z < splits; ++z) {
       const float l = pp[z * (D + 2) + 1];
-      if (l > 0.0f) acc += pp[z * (D + 2) + 2 + e] * expf(pp[z * (D + 2)] - M);
+      if (l > 0.0f) denom += l * expf(pp[z * (D + 2)] - M);
     }
-    a.out[(row * a.H + h) * D + e] = acc / denom;
+    for (int z = threadIdx.x; z < splits; z += 32) {
+      const float l = pp[z * (D + 2) + 1];
+      weight[z] = l > 0.0f ? expf(pp[z * (D + 2)] - M) : 0.0f;
+    }
+    if (threadIdx.x == 0) inv_denom = denom;
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < D; e += blockDim.x) {
+    float acc = 0.0f;
+    for (int z = 0; z < splits; ++z)
+      if (weight[z] != 0.0f) acc += pp[z * (D + 2) + 2 + e] * weight[z];
+    a.out[(row * a.H + h) * D + e] = acc / inv_denom;
   }
 }
 

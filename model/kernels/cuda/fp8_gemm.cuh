@@ -50,6 +50,8 @@ enum class Fp8ScaleRule { kAmax, kPow2 };
 
 enum class Fp8GemmOutput { kF32, kBf16 };
 
+inline constexpr size_t kFp8GemmWorkspaceBytes = size_t{32} << 20;
+
 class Fp8BlockGemm {
  public:
   Fp8BlockGemm();
@@ -64,6 +66,11 @@ class Fp8BlockGemm {
   // when this cuBLASLt has no algorithm for the combination (e.g. a GPU other
   // than sm_90, or a library before 12.9).
   [[nodiscard]] static absl::StatusOr<Fp8BlockGemm> Create(int64_t T, int64_t in, int64_t out, Fp8GemmOutput output);
+  // The same, using a caller's device workspace (>= kFp8GemmWorkspaceBytes,
+  // outliving the plan, not used concurrently by another stream) instead of
+  // allocating one: for plan caches with many row counts.
+  [[nodiscard]] static absl::StatusOr<Fp8BlockGemm> Create(int64_t T, int64_t in, int64_t out, Fp8GemmOutput output,
+                                                           void* workspace);
 
   // y: [Tp, out] f32 or bf16 as planned. Inputs as described at the top.
   [[nodiscard]] absl::Status Run(const uint8_t* x_fp8, const float* x_scales, const uint8_t* w_fp8,
@@ -73,6 +80,51 @@ class Fp8BlockGemm {
   struct Plan;
   std::unique_ptr<Plan> plan_;
 };
+
+
+// ---- FP8 weights at decode row counts, and weight quantization ----------
+//
+// W e4m3 [out, K] with f32 block scales w_scales [ceil(out/128), ceil(K/128)]
+// (the 128 x 128 grid; partial edge blocks allowed). The product below is the
+// same block-scaled math as Fp8BlockGemm for the few-row case cuBLASLt serves
+// badly (decode: T = 1..16): activations quantized per 1 x 128 block, e4m3
+// weights decoded in registers, fp32 accumulation. Deterministic for a fixed
+// shape (no atomics; fixed-order reductions).
+
+// w [out, in] f32 -> codes e4m3 [out, in] and f32 scales [ceil(out/128),
+// ceil(in/128)]: per 128 x 128 block scale 2^ceil(log2(amax/448)) (1 for an
+// all-zero block), codes = e4m3(w / scale) round-to-nearest-even,
+// saturating. Equals cpu::QuantizeFp8Blocks (with its E8M0 scales as f32) bit
+// for bit, so re-quantizing weights that came from an FP8 checkpoint is exact.
+[[nodiscard]] absl::Status Fp8QuantizeWeights(const float* w, int64_t out, int64_t in, uint8_t* codes, float* scales,
+                                              cudaStream_t stream);
+
+// x [T, in] f32 -> xq [T, in] bf16 holding the dequantized FP8 activation
+// e4m3(x / s) * s exactly (e4m3 times a power of two is exact in bf16), with
+// s = 2^ceil(log2(max(amax, 1e-4) / 448)) per 1 x 128 block. Blocks restart at
+// every multiple of `group_in` (in % group_in == 0; group_in = in for a plain
+// projection; a grouped projection's group width otherwise) and the last
+// block of a group may be partial. On full blocks the values equal
+// Fp8QuantizeActivations(kPow2)'s code * scale.
+[[nodiscard]] absl::Status Fp8QuantDequant(const float* x, int64_t T, int64_t in, int64_t group_in, uint16_t* xq,
+                                           cudaStream_t stream);
+
+// y [T, out] f32 = xq W^T, where output row o reads the K inputs starting at
+// column (o / out_per_group) * K of xq's row (xq [T, ldx] bf16 from
+// Fp8QuantDequant; a plain projection has out_per_group = out, ldx = K).
+// K % 16 == 0, ldx % 8 == 0, xq and w 16-byte aligned, out % out_per_group
+// == 0. Any T >= 0 (passes of up to 8 rows; each pass reads W once).
+[[nodiscard]] absl::Status Fp8MatMulRows(const uint16_t* xq, int64_t T, int64_t ldx, const uint8_t* w,
+                                         const float* w_scales, int64_t out, int64_t K, int64_t out_per_group,
+                                         float* y, cudaStream_t stream);
+
+// The same few-row kernel for bf16 weights W [out, K]: y [T, out] f32 = bf16(x)
+// W^T, x [T, ldx] f32 rounded to bf16 on load (round to nearest even), fp32
+// accumulation: the product cuBLAS's bf16 GEMM computes on F32ToBf16(x), in
+// one launch and without split-K. K % 16 == 0, ldx % 4 == 0, x and w 16-byte
+// aligned.
+[[nodiscard]] absl::Status Bf16MatMulRows(const float* x, int64_t T, int64_t ldx, const uint16_t* w, int64_t out,
+                                          int64_t K, float* y, cudaStream_t stream);
 
 }  // namespace retort::cuda
 

@@ -13,7 +13,7 @@ namespace {
 constexpr int kTopKThreads = 512;
 
 // Note [Indexer scoring layout]: kLanesPerEntry threads per entry, each
-// owning a contiguous quarter of the heads. q[b] (Hi x Di) and w[b] are
+// owning a contiguous share of the heads. q[b] (Hi x Di) and w[b] are
 // staged in shared memory (a warp's reads of one address broadcast); each
 // thread streams its key in 32-value chunks and keeps the dot products of up
 // to 16 heads in registers, so the only shuffles are the final two that add
@@ -21,12 +21,11 @@ constexpr int kTopKThreads = 512;
 // does; identical keys give identical scores, so ties stay ties.
 constexpr int kHeadGroup = 16;
 constexpr int kKeyChunk = 32;
-constexpr int kLanesPerEntry = 4;
 
 // grid (ceil(cap / kEntriesPerBlock), B), kEntriesPerBlock * kLanesPerEntry
 // threads. Few rows (decode at small batch): 32 entries a block for more
 // blocks; many: 128, so q is staged once per more entries.
-template <int kEntriesPerBlock>
+template <int kEntriesPerBlock, int kLanesPerEntry>
 __global__ void __launch_bounds__(kEntriesPerBlock * kLanesPerEntry) IndexerScoresKernel(const float* __restrict__ q,
                                                                      const float* __restrict__ w,
                                                                      const float* __restrict__ keys,
@@ -34,13 +33,25 @@ __global__ void __launch_bounds__(kEntriesPerBlock * kLanesPerEntry) IndexerScor
                                                                      const int32_t* __restrict__ visible, int Hi,
                                                                      int Di, int64_t cap, int64_t score_stride,
                                                                      float* __restrict__ scores) {
-  extern __shared__ float qs[];  // [Hi * Di] then w [Hi]
+  extern __shared__ float qs[];  // [Hi][Di + 1] (padded: lanes on different heads hit different banks), then w [Hi]
+  const int Dp = Di + 1;
   const int64_t b = blockIdx.y;
   const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kEntriesPerBlock;
   const int64_t vis = visible[b];
   if (s0 >= vis) return;  // uniform across the block
-  float* ws = qs + Hi * Di;
-  for (int i = threadIdx.x; i < Hi * Di; i += blockDim.x) qs[i] = q[b * Hi * Di + i];
+  float* ws = qs + Hi * Dp;
+  if (Di % 4 == 0) {  // q rows are 16-byte aligned then
+    const float4* q4 = reinterpret_cast<const float4*>(q + b * Hi * Di);
+#pragma unroll 8
+    for (int i = threadIdx.x; i < Hi * Di / 4; i += blockDim.x) {
+      const float4 v = __ldg(q4 + i);
+      const int h = 4 * i / Di, e = 4 * i % Di;
+      float* d = qs + h * Dp + e;
+      d[0] = v.x, d[1] = v.y, d[2] = v.z, d[3] = v.w;
+    }
+  } else {
+    for (int i = threadIdx.x; i < Hi * Di; i += blockDim.x) qs[(i / Di) * Dp + i % Di] = q[b * Hi * Di + i];
+  }
   for (int i = threadIdx.x; i < Hi; i += blockDim.x) ws[i] = w[b * Hi + i];
   __syncthreads();
   const int quarter = threadIdx.x % kLanesPerEntry;
@@ -63,7 +74,7 @@ __global__ void __launch_bounds__(kEntriesPerBlock * kLanesPerEntry) IndexerScor
 #pragma unroll
       for (int h = 0; h < kHeadGroup; ++h) {
         if (h0 + h >= h_end) break;
-        const float* qh = qs + (h0 + h) * Di + e0;
+        const float* qh = qs + (h0 + h) * Dp + e0;
 #pragma unroll
         for (int e = 0; e < kKeyChunk; ++e)
           if (e0 + e < Di) dot[h] = __fmaf_rn(qh[e], kr[e], dot[h]);
@@ -74,9 +85,10 @@ __global__ void __launch_bounds__(kEntriesPerBlock * kLanesPerEntry) IndexerScor
       if (h0 + h < h_end)
         acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(fmaxf(dot[h], 0.0f), sscale), __fmul_rn(ws[h0 + h], wscale)));
   }
-  // The quarters of one entry are adjacent lanes: (q0 + q1) + (q2 + q3).
-  acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-  acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+  // The lanes of one entry are adjacent: a fixed pairwise tree, e.g. with 4
+  // lanes (l0 + l1) + (l2 + l3).
+#pragma unroll
+  for (int o = 1; o < kLanesPerEntry; o <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
   if (live && quarter == 0) scores[b * score_stride + s] = acc;
 }
 
@@ -112,14 +124,17 @@ __global__ void __launch_bounds__(kTopKThreads) TopKKernel(const float* __restri
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xff], 1);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      int rem = remaining_s, digit = 255;
-      for (; digit > 0; --digit) {
-        if (hist[digit] >= rem) break;
-        rem -= hist[digit];
-      }
-      prefix_s = prefix | (static_cast<uint32_t>(digit) << shift);
-      remaining_s = rem;  // how many keys equal to the final threshold to take (after the last pass)
+    // The digit: the highest bin whose suffix count (bins >= it) reaches the
+    // keys still wanted; a block scan over the bins in descending order (bin
+    // 255 - t on thread t) gives the suffix counts at once.
+    const int rem = remaining_s;
+    const int bin = 255 - static_cast<int>(threadIdx.x);
+    const int h = threadIdx.x < 256 ? hist[bin] : 0;
+    int above, total;
+    Scan(scan_tmp).ExclusiveSum(h, above, total);
+    if (threadIdx.x < 256 && above < rem && (above + h >= rem || bin == 0)) {
+      prefix_s = prefix | (static_cast<uint32_t>(bin) << shift);
+      remaining_s = rem - above;  // how many keys equal to the final threshold to take (after the last pass)
     }
     mask |= 0xffu << shift;
     __syncthreads();
@@ -156,17 +171,20 @@ absl::Status IndexerScoresForRows(const float* q, const float* w, const float* k
                                                    Hi, " Di=", Di));
   if (B == 0 || cap == 0) return absl::OkStatus();
   if (B > 65535) return absl::InvalidArgumentError(absl::StrCat("IndexerScores: B ", B, " > 65535"));
-  const size_t smem = sizeof(float) * (Hi * Di + Hi);
-  auto launch = [&](auto kernel, int entries) -> absl::Status {
+  const size_t smem = sizeof(float) * (Hi * (Di + 1) + Hi);
+  auto launch = [&](auto kernel, int entries, int lanes) -> absl::Status {
     if (smem > 48 * 1024)
       RETORT_CUDA_RETURN(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     const dim3 grid(static_cast<unsigned>((cap + entries - 1) / entries), static_cast<unsigned>(B));
-    kernel<<<grid, entries * kLanesPerEntry, smem, stream>>>(q, w, keys, row_slot, visible, Hi, Di, cap, score_stride,
+    kernel<<<grid, entries * lanes, smem, stream>>>(q, w, keys, row_slot, visible, Hi, Di, cap, score_stride,
                                                              scores);
     return absl::OkStatus();
   };
+  // Many rows: 128 entries a block, 4 lanes each (q staged once per more
+  // entries). Few (decode at small batch): 16 entries a block, 16 lanes
+  // each, so a 1K-entry row spreads over 64 blocks.
   const bool many = B * ((cap + 31) / 32) >= 4096;
-  absl::Status st = many ? launch(IndexerScoresKernel<128>, 128) : launch(IndexerScoresKernel<32>, 32);
+  absl::Status st = many ? launch(IndexerScoresKernel<128, 4>, 128, 4) : launch(IndexerScoresKernel<16, 16>, 16, 16);
   if (!st.ok()) return st;
   RETORT_CUDA_LAUNCH_CHECK();
   return absl::OkStatus();

@@ -10,6 +10,7 @@ namespace retort::cuda {
 namespace {
 
 constexpr int kMaxMix = 24;
+constexpr int kMaxHcSlices = 32;  // HcMaps stages up to this many slices' partials in shared memory
 constexpr int kThreads = 256;
 
 __device__ __forceinline__ float SigmoidF(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -197,9 +198,21 @@ __global__ void HcMapsKernel(HcParams p, int64_t slices, const float* __restrict
   const int64_t r = blockIdx.x, width = hc * p.d;
   __shared__ float mixes[kMaxMix + 1];
   __shared__ float cm[16];
+  // The slices' partials come in with all their loads in flight at once
+  // (a serial chain of `slices` global loads per lane took ~15 us at decode),
+  // then each lane sums its column in slice order.
+  __shared__ float part[kMaxHcSlices * (kMaxMix + 1)];
+  const int64_t n = slices * (kMaxMix + 1);
+  const bool staged = slices <= kMaxHcSlices;
+  if (staged) {
+#pragma unroll 16
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) part[i] = partial[r * n + i];
+  }
+  __syncthreads();
   if (threadIdx.x <= kMaxMix) {
     float t = 0.0f;
-    for (int64_t s = 0; s < slices; ++s) t += partial[(r * slices + s) * (kMaxMix + 1) + threadIdx.x];
+    for (int64_t s = 0; s < slices; ++s)
+      t += staged ? part[s * (kMaxMix + 1) + threadIdx.x] : partial[(r * slices + s) * (kMaxMix + 1) + threadIdx.x];
     mixes[threadIdx.x] = t;
   }
   __syncthreads();

@@ -139,16 +139,24 @@ __global__ void __launch_bounds__(kThreads) MoeGroupsKernel(const int32_t* __res
   if (threadIdx.x == 0) group_offsets[groups] = total;
 }
 
+// grid (rows, ceil(d / 256)): one output value a thread, so a decode row
+// spreads over d / 256 blocks instead of looping in one.
 __global__ void MoeCombineKernel(const float* __restrict__ y, const int32_t* __restrict__ slot_pos,
                                  const float* __restrict__ weights, int k, int64_t d,
                                  const float* __restrict__ shared, float* __restrict__ out) {
-  const int64_t r = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    float acc = 0.0f;
-    for (int j = 0; j < k; ++j) acc += y[static_cast<int64_t>(slot_pos[r * k + j]) * d + i] * weights[r * k + j];
-    if (shared) acc += shared[r * d + i];
-    out[r * d + i] = acc;
+  __shared__ int32_t pos[16];
+  __shared__ float wt[16];
+  const int64_t r = blockIdx.x, i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (threadIdx.x < k) {
+    pos[threadIdx.x] = slot_pos[r * k + threadIdx.x];
+    wt[threadIdx.x] = weights[r * k + threadIdx.x];
   }
+  __syncthreads();
+  if (i >= d) return;
+  float acc = 0.0f;
+  for (int j = 0; j < k; ++j) acc += y[static_cast<int64_t>(pos[j]) * d + i] * wt[j];
+  if (shared) acc += shared[r * d + i];
+  out[r * d + i] = acc;
 }
 
 __global__ void GatherRowsKernel(const float* __restrict__ x, const int32_t* __restrict__ row_index, int64_t d,
@@ -183,7 +191,9 @@ absl::Status MoePermute(const int32_t* idx, int64_t rows, int k, int E, int grou
 absl::Status MoeCombine(const float* y, const int32_t* slot_pos, const float* weights, int64_t rows, int k, int64_t d,
                         const float* shared, float* out, cudaStream_t stream) {
   if (rows == 0 || d == 0) return absl::OkStatus();
-  MoeCombineKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(y, slot_pos, weights, k, d, shared, out);
+  if (k > 16) return absl::InvalidArgumentError(absl::StrCat("MoeCombine: k = ", k, " > 16"));
+  MoeCombineKernel<<<dim3(static_cast<unsigned>(rows), static_cast<unsigned>((d + 255) / 256)), 256, 0, stream>>>(
+      y, slot_pos, weights, k, d, shared, out);
   RETORT_CUDA_LAUNCH_CHECK();
   return absl::OkStatus();
 }

@@ -1,5 +1,7 @@
 #include "model/kernels/cuda/norm_rope.cuh"
 
+#include <algorithm>
+
 #include <cuda_runtime.h>
 
 #include "absl/strings/str_cat.h"
@@ -28,29 +30,31 @@ __global__ void RmsNormKernel(const float* x, int64_t D, const float* __restrict
   const float* xt = x + static_cast<int64_t>(blockIdx.x) * D;
   float* yt = y + static_cast<int64_t>(blockIdx.x) * D;
   float ss = 0.0f;
+#pragma unroll 4
   for (int64_t i = threadIdx.x; i < D; i += blockDim.x) ss += xt[i] * xt[i];
   ss = BlockSum(ss, scratch);
   const float r = 1.0f / sqrtf(ss / static_cast<float>(D) + eps);
+#pragma unroll 4
   for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
     const float v = xt[i] * r;
     yt[i] = weight ? weight[i] * v : v;
   }
 }
 
-// grid: (rows), threads over heads * rope_dim/2 pairs.
+// grid: (rows, ceil(heads * rope_dim/2 / blockDim)), one rotated pair a thread.
 __global__ void RopeKernel(float* x, int64_t heads, int64_t dim, int64_t rope_dim, const int64_t* __restrict__ positions,
                            const float* __restrict__ inv_freq, float sign) {
   const int64_t r = blockIdx.x, half = rope_dim / 2;
+  const int64_t k = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (k >= heads * half) return;
   const float pos = static_cast<float>(positions[r]);
-  for (int64_t k = threadIdx.x; k < heads * half; k += blockDim.x) {
-    const int64_t h = k / half, i = k % half;
-    const float angle = inv_freq[i] * pos;  // fp32, as the reference
-    const float c = cosf(angle), s = sign * sinf(angle);
-    float* v = x + (r * heads + h) * dim + (dim - rope_dim);
-    const float a = v[2 * i], b = v[2 * i + 1];
-    v[2 * i] = a * c - b * s;
-    v[2 * i + 1] = b * c + a * s;
-  }
+  const int64_t h = k / half, i = k % half;
+  const float angle = inv_freq[i] * pos;  // fp32, as the reference
+  const float c = cosf(angle), s = sign * sinf(angle);
+  float* v = x + (r * heads + h) * dim + (dim - rope_dim);
+  const float a = v[2 * i], b = v[2 * i + 1];
+  v[2 * i] = a * c - b * s;
+  v[2 * i + 1] = b * c + a * s;
 }
 
 __global__ void SwiGluKernel(const float* g, const float* u, int64_t n, float limit, float* h) {
@@ -79,7 +83,9 @@ absl::Status RmsNorm(const float* x, int64_t T, int64_t D, const float* weight, 
                      cudaStream_t stream) {
   if (T == 0) return absl::OkStatus();
   if (T > 0x7fffffff) return absl::InvalidArgumentError(absl::StrCat("RmsNorm: too many rows ", T));
-  const int threads = D >= 1024 ? 256 : (D >= 256 ? 128 : 32);
+  // About four values a thread (decode rows are latency-bound: one block
+  // per row, so its loads must be in flight together). Fixed by D alone.
+  const int threads = static_cast<int>(std::clamp<int64_t>((D / 4 + 31) / 32 * 32, 32, 1024));
   RmsNormKernel<<<static_cast<unsigned>(T), threads, 0, stream>>>(x, D, weight, eps, y);
   RETORT_CUDA_LAUNCH_CHECK();
   return absl::OkStatus();
@@ -92,7 +98,9 @@ absl::Status RopeAtPositions(float* x, int64_t rows, int64_t heads, int64_t dim,
   if (rows == 0 || rope_dim == 0) return absl::OkStatus();
   const int64_t work = heads * rope_dim / 2;
   const int threads = work >= 256 ? 256 : 32 * static_cast<int>((work + 31) / 32);
-  RopeKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, heads, dim, rope_dim, positions, inv_freq, sign);
+  const unsigned blocks = static_cast<unsigned>((work + threads - 1) / threads);
+  RopeKernel<<<dim3(static_cast<unsigned>(rows), blocks), threads, 0, stream>>>(x, heads, dim, rope_dim, positions,
+                                                                                inv_freq, sign);
   RETORT_CUDA_LAUNCH_CHECK();
   return absl::OkStatus();
 }
