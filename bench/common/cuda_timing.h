@@ -34,6 +34,36 @@ double TimeMs(cudaStream_t stream, int reps, Fn fn) {
   return ms[ms.size() / 2];
 }
 
+// HBM bandwidth in GB/s from a 2 GiB device-to-device copy on `stream` (read +
+// write counted; the best of 5), or 0 when the buffers cannot be allocated.
+inline double MeasureCopyBandwidthGBs(cudaStream_t stream) {
+  const size_t bytes = size_t{2} << 30;
+  void *a = nullptr, *b = nullptr;
+  if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) {
+    cudaFree(a);
+    return 0.0;
+  }
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream);
+  float best = 1e30f;
+  for (int i = 0; i < 5; ++i) {
+    cudaEventRecord(e0, stream);
+    cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream);
+    cudaEventRecord(e1, stream);
+    cudaEventSynchronize(e1);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    best = std::min(best, ms);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * bytes / (best * 1e-3) / 1e9;
+}
+
 }  // namespace retort::bench
 
 #endif  // RETORT_BENCH_COMMON_CUDA_TIMING_H_

@@ -31,6 +31,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "bench/common/bench_util.h"
+#include "bench/common/cuda_timing.h"
 #include "bench/common/v4_flash_config.h"
 #include "model/kernels/cuda/cuda_runtime.cuh"
 #include "model/v4/cuda_model.h"
@@ -51,25 +52,6 @@ std::vector<int64_t> ParseList(const char* s) {
     out.push_back(v);
   }
   return out;
-}
-
-// HBM bandwidth from a 2 GiB device-to-device copy (read + write counted).
-double MeasureBandwidthGBs() {
-  const size_t bytes = size_t{2} << 30;
-  auto a = Value(cuda::DeviceBuffer::Allocate(bytes));
-  auto b = Value(cuda::DeviceBuffer::Allocate(bytes));
-  auto e0 = Value(cuda::Event::Create());
-  auto e1 = Value(cuda::Event::Create());
-  cudaMemcpy(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice);
-  float best = 1e30f;
-  for (int i = 0; i < 5; ++i) {
-    BENCH_CHECK(e0.Record(nullptr));
-    cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, nullptr);
-    BENCH_CHECK(e1.Record(nullptr));
-    BENCH_CHECK(e1.Synchronize());
-    best = std::min(best, Value(e1.ElapsedMsSince(e0)));
-  }
-  return 2.0 * bytes / (best * 1e-3) / 1e9;
 }
 
 struct Result {
@@ -112,7 +94,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::printf("device: %s\n", Value(cuda::DeviceDescription(0)).c_str());
-  const double bw = MeasureBandwidthGBs();
+  const double bw = bench::MeasureCopyBandwidthGBs(nullptr);
   std::printf("HBM bandwidth (device copy): %.0f GB/s\n", bw);
 
   const io::V4Config config = bench::V4FlashLayers(layers);

@@ -10,6 +10,9 @@
 // rounds x to e4m3). Weights rotate over copies > 256 MB, so every launch
 // reads them from HBM.
 //
+// Then the decode shapes (T = 1, 4, 8 rows) through the few-row kernel
+// (Fp8MatMulRows), with 2 and 4 rows a warp, as % of the HBM bandwidth.
+//
 // usage: fp8_gemm_bench [--quick]
 #include <cuda_runtime.h>
 
@@ -129,6 +132,58 @@ void Run(bool quick) {
   std::printf("\nspeedup = cuBLAS bf16 time / (quantizer + FP8 GEMM time).\n");
 }
 
+// Decode shapes: the few-row kernel (Fp8MatMulRows) on quant-dequantized x,
+// with 2 and 4 rows a warp, against the HBM bandwidth measured by a device
+// copy; weights rotate over copies > 256 MB as above.
+void RunFewRow() {
+  cuda::Stream stream = Value(cuda::Stream::Create());
+  const double bw = bench::MeasureCopyBandwidthGBs(stream.get());
+  std::printf("\nfew-row FP8 GEMM (decode), HBM copy bandwidth %.0f GB/s\n", bw);
+  std::printf("%-22s %3s | %9s %7s %5s | %9s %7s %5s\n", "matrix out x in", "T", "R=2 us", "GB/s", "%bw", "R=4 us",
+              "GB/s", "%bw");
+  struct Shape {
+    const char* name;
+    int64_t out, in, groups;
+  };
+  const Shape shapes[] = {{"wq_b 32768x1024", 32768, 1024, 1},  {"wo_a 8x1024x4096", 8192, 4096, 8},
+                          {"wo_b 4096x8192", 4096, 8192, 1},    {"wq_a 1024x4096", 1024, 4096, 1},
+                          {"wkv 512x4096", 512, 4096, 1},       {"shared w1 2048x4096", 2048, 4096, 1}};
+  std::mt19937 rng(5);
+  for (const Shape& sh : shapes) {
+    const int64_t ob = (sh.out + 127) / 128, kb = (sh.in + 127) / 128;
+    std::vector<uint8_t> wq(sh.out * sh.in);
+    for (auto& b : wq) {
+      do b = static_cast<uint8_t>(rng() & 0xff);
+      while ((b & 0x7f) == 0x7f);
+    }
+    std::vector<float> wsc(ob * kb, 1e-2f);
+    const int copies = static_cast<int>(kRotateBytes / wq.size()) + 1;
+    std::vector<cuda::DeviceBuffer> dw;
+    for (int i = 0; i < copies; ++i) dw.push_back(Value(cuda::Upload(wq)));
+    cuda::DeviceBuffer ds = Value(cuda::Upload(wsc));
+    for (int64_t T : {1, 4, 8}) {
+      const int64_t ldx = sh.groups * sh.in;
+      std::vector<uint16_t> x(T * ldx, F32ToBf16(0.5f));
+      cuda::DeviceBuffer dx = Value(cuda::Upload(x));
+      cuda::DeviceBuffer dy = Value(cuda::DeviceBuffer::Allocate(4 * T * sh.out));
+      double us[2];
+      for (int k = 0; k < 2; ++k) {
+        int turn = 0;
+        const int R = k == 0 ? 2 : 4;
+        us[k] = 1e3 * TimeMs(stream.get(), 50, [&] {
+                  BENCH_CHECK(cuda::Fp8MatMulRows(dx.as<uint16_t>(), T, ldx, dw[turn++ % copies].as<uint8_t>(),
+                                                  ds.as<float>(), sh.out, sh.in, sh.out / sh.groups, dy.as<float>(),
+                                                  stream.get(), R));
+                });
+      }
+      const double bytes = static_cast<double>(sh.out) * sh.in + 4.0 * ob * kb;
+      std::printf("%-22s %3lld | %9.2f %7.0f %4.0f%% | %9.2f %7.0f %4.0f%%\n", sh.name, static_cast<long long>(T), us[0],
+                  bytes / us[0] / 1e3, 100.0 * bytes / us[0] / 1e3 / bw, us[1], bytes / us[1] / 1e3,
+                  100.0 * bytes / us[1] / 1e3 / bw);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace retort
 
@@ -139,5 +194,6 @@ int main(int argc, char** argv) {
     return 0;
   }
   retort::Run(quick);
+  retort::RunFewRow();
   return 0;
 }

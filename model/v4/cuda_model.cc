@@ -386,7 +386,9 @@ struct CudaModel::Impl {
     return absl::OkStatus();
   }
 
-  absl::Status Apply(const DeviceLinear& l, const float* x, int64_t T, float* y) {
+  // xq: optionally, x already FP8-quantized (RmsNormQuant) for an FP8 l on
+  // the few-row path.
+  absl::Status Apply(const DeviceLinear& l, const float* x, int64_t T, float* y, const uint16_t* xq = nullptr) {
     switch (l.kind) {
       case WeightKind::kF32:
         return cuda::MatMulF32(Blas(), x, T, l.in, l.w.as<float>(), l.out, y, st());
@@ -408,7 +410,7 @@ struct CudaModel::Impl {
         return cuda::MxFp4MatMul(x, T, l.in, l.w.as<uint8_t>(), l.scales.as<uint8_t>(), l.out, y, st());
       }
       case WeightKind::kFp8:
-        return ApplyFp8(l.w.as<uint8_t>(), l.scales.as<float>(), l.out, l.in, 1, x, T, l.in, y);
+        return ApplyFp8(l.w.as<uint8_t>(), l.scales.as<float>(), l.out, l.in, 1, x, T, l.in, y, xq);
     }
     return absl::InternalError("unreachable");
   }
@@ -419,7 +421,7 @@ struct CudaModel::Impl {
   // kernels do not take: the few-row kernel on quant-dequantized x; else
   // cuBLASLt per group on FP8 x. Both quantize x per 1 x 128 block of a group.
   absl::Status ApplyFp8(const uint8_t* w, const float* w_scales, int64_t out, int64_t K, int groups, const float* x,
-                        int64_t T, int64_t ldx, float* y) {
+                        int64_t T, int64_t ldx, float* y, const uint16_t* xq_given = nullptr) {
     const int64_t per = out / groups;
     if (!options.fp8_activations) {  // W8A16: bf16 activations on the few-row kernel
       ASSIGN_OR_RETURN(uint16_t* xb, Scratch<uint16_t>(T * ldx));
@@ -432,6 +434,7 @@ struct CudaModel::Impl {
       ASSIGN_OR_RETURN(plan, Fp8Plan(T, K, per));
     }
     if (plan == nullptr) {
+      if (xq_given) return cuda::Fp8MatMulRows(xq_given, T, ldx, w, w_scales, out, K, per, y, st());
       ASSIGN_OR_RETURN(uint16_t* xq, Scratch<uint16_t>(T * ldx));
       RETURN_IF_ERROR(cuda::Fp8QuantDequant(x, T, ldx, K, xq, st()));
       return cuda::Fp8MatMulRows(xq, T, ldx, w, w_scales, out, K, per, y, st());
@@ -484,6 +487,21 @@ struct CudaModel::Impl {
     return slot ? &*slot : nullptr;
   }
 
+  // Steps whose FP8 projections run on the few-row kernel get their inputs
+  // quantized by the RmsNorm that produces them (one launch, not one per
+  // projection).
+  bool QuantizeOnNorm(int64_t N) const { return dense_bf16 && options.fp8_activations && N < kFp8CublasMinRows; }
+  // y = RmsNorm(x); returns y's FP8 quantization too when QuantizeOnNorm.
+  absl::StatusOr<const uint16_t*> Norm(const float* x, int64_t N, int64_t D, const DeviceBuffer& w, float* y) {
+    if (!QuantizeOnNorm(N)) {
+      RETURN_IF_ERROR(cuda::RmsNorm(x, N, D, w.as<float>(), Eps(), y, st()));
+      return nullptr;
+    }
+    ASSIGN_OR_RETURN(uint16_t* yq, Scratch<uint16_t>(N * D));
+    RETURN_IF_ERROR(cuda::RmsNormQuant(x, N, D, w.as<float>(), Eps(), y, yq, st()));
+    return yq;
+  }
+
   cuda::HcParams Hc() const {
     cuda::HcParams p;
     p.hc = config.hc_mult;
@@ -518,7 +536,8 @@ struct CudaModel::Impl {
                                 pool.View(), st());
   }
 
-  absl::Status Attention(int l, const float* x, const StepPlan& plan, float* out) {
+  // x: the normed layer input; xq: its FP8 quantization or nullptr (Norm).
+  absl::Status Attention(int l, const float* x, const uint16_t* xq, const StepPlan& plan, float* out) {
     const DeviceLayer& L = layers[l];
     LayerPool& P = pools[l];
     const auto& c = config;
@@ -538,20 +557,20 @@ struct CudaModel::Impl {
       ASSIGN_OR_RETURN(iw, Scratch<float>(N * Hi));
     }
     // The independent chains of the layer's input x.
+    const uint16_t* qrq = nullptr;  // qr's FP8 quantization (QuantizeOnNorm)
     auto q_path = [&]() -> absl::Status {
-      RETURN_IF_ERROR(Apply(L.wq_a, x, N, qr));
-      RETURN_IF_ERROR(cuda::RmsNorm(qr, N, dc, L.q_norm.as<float>(), Eps(), qr, st()));
-      RETURN_IF_ERROR(Apply(L.wq_b, qr, N, q));
-      RETURN_IF_ERROR(cuda::RmsNorm(q, N * H, D, nullptr, Eps(), q, st()));
-      return cuda::RopeAtPositions(q, N, H, D, rd, d_positions, inv_freq[kind].as<float>(), 1.0f, st());
+      RETURN_IF_ERROR(Apply(L.wq_a, x, N, qr, xq));
+      ASSIGN_OR_RETURN(qrq, Norm(qr, N, dc, L.q_norm, qr));
+      RETURN_IF_ERROR(Apply(L.wq_b, qr, N, q, qrq));
+      return cuda::RmsNormRope(q, N, H, D, nullptr, Eps(), rd, d_positions, inv_freq[kind].as<float>(), q, st());
     };
     auto kv_path = [&]() -> absl::Status {
-      RETURN_IF_ERROR(Apply(L.wkv, x, N, kv));
-      RETURN_IF_ERROR(cuda::RmsNorm(kv, N, D, L.kv_norm.as<float>(), Eps(), kv, st()));
-      return cuda::RopeAtPositions(kv, N, 1, D, rd, d_positions, inv_freq[kind].as<float>(), 1.0f, st());
+      RETURN_IF_ERROR(Apply(L.wkv, x, N, kv, xq));
+      return cuda::RmsNormRope(kv, N, 1, D, L.kv_norm.as<float>(), Eps(), rd, d_positions,
+                               inv_freq[kind].as<float>(), kv, st());
     };
     auto index_query = [&]() -> absl::Status {  // after q_path (reads qr)
-      RETURN_IF_ERROR(Apply(L.idx_wq_b, qr, N, iq));
+      RETURN_IF_ERROR(Apply(L.idx_wq_b, qr, N, iq, qrq));
       return cuda::RopeAtPositions(iq, N, Hi, Di, rd, d_positions, inv_freq[1].as<float>(), 1.0f, st());
     };
     if (Branching(plan)) {
@@ -650,7 +669,7 @@ struct CudaModel::Impl {
     return Apply(L.wo_b, mid, N, out);
   }
 
-  absl::Status Moe(int l, const float* x, const StepPlan& plan, float* out) {
+  absl::Status Moe(int l, const float* x, const uint16_t* xq, const StepPlan& plan, float* out) {
     const DeviceLayer& L = layers[l];
     const auto& c = config;
     const int64_t N = plan.N, d = c.hidden_size, I = c.moe_intermediate;
@@ -662,8 +681,8 @@ struct CudaModel::Impl {
       const int64_t Is = L.sh_w1.out;
       ASSIGN_OR_RETURN(float* sg, Scratch<float>(N * Is));
       ASSIGN_OR_RETURN(float* su, Scratch<float>(N * Is));
-      RETURN_IF_ERROR(Apply(L.sh_w1, x, N, sg));
-      RETURN_IF_ERROR(Apply(L.sh_w3, x, N, su));
+      RETURN_IF_ERROR(Apply(L.sh_w1, x, N, sg, xq));
+      RETURN_IF_ERROR(Apply(L.sh_w3, x, N, su, xq));
       RETURN_IF_ERROR(cuda::SwiGlu(sg, su, N * Is, limit, sg, st()));
       return Apply(L.sh_w2, sg, N, shared);
     };
@@ -878,14 +897,14 @@ struct CudaModel::Impl {
       RETURN_IF_ERROR(Mark("mhc+norm"));
       RETURN_IF_ERROR(cuda::HcPre(hp, X, N, L.attn_hc.fn.as<float>(), L.attn_hc.base.as<float>(),
                                   L.attn_hc.scale.as<float>(), u, post, comb, hc_scratch, st()));
-      RETURN_IF_ERROR(cuda::RmsNorm(u, N, d, L.attn_norm.as<float>(), Eps(), xn, st()));
-      RETURN_IF_ERROR(Attention(l, xn, plan, F));
+      ASSIGN_OR_RETURN(const uint16_t* xq, Norm(u, N, d, L.attn_norm, xn));
+      RETURN_IF_ERROR(Attention(l, xn, xq, plan, F));
       RETURN_IF_ERROR(Mark("mhc+norm"));
       RETURN_IF_ERROR(cuda::HcPost(hp, F, post, comb, N, X, st()));
       RETURN_IF_ERROR(cuda::HcPre(hp, X, N, L.ffn_hc.fn.as<float>(), L.ffn_hc.base.as<float>(),
                                   L.ffn_hc.scale.as<float>(), u, post, comb, hc_scratch, st()));
-      RETURN_IF_ERROR(cuda::RmsNorm(u, N, d, L.ffn_norm.as<float>(), Eps(), xn, st()));
-      RETURN_IF_ERROR(Moe(l, xn, plan, F));
+      ASSIGN_OR_RETURN(const uint16_t* fq, Norm(u, N, d, L.ffn_norm, xn));
+      RETURN_IF_ERROR(Moe(l, xn, fq, plan, F));
       RETURN_IF_ERROR(Mark("mhc+norm"));
       RETURN_IF_ERROR(cuda::HcPost(hp, F, post, comb, N, X, st()));
     }

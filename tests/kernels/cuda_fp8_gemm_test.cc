@@ -259,7 +259,7 @@ struct RowsCase {
 
 // y from Fp8QuantDequant + Fp8MatMulRows on device copies of x and W.
 std::vector<float> RunRows(const RowsCase& c, const std::vector<float>& x, const std::vector<float>& w,
-                           std::vector<float>* xq_host = nullptr) {
+                           std::vector<float>* xq_host = nullptr, int rows_per_warp = 0) {
   const int64_t ldx = c.groups * c.K, ns = ((c.out + 127) / 128) * ((c.K + 127) / 128);
   auto dx = Up(x), dw = Up(w);
   auto dxq = Zeros(2 * std::max<int64_t>(1, c.T * ldx)), dq = Zeros(c.out * c.K), dsc = Zeros(4 * ns);
@@ -267,7 +267,7 @@ std::vector<float> RunRows(const RowsCase& c, const std::vector<float>& x, const
   EXPECT_TRUE(cuda::Fp8QuantizeWeights(dw.as<float>(), c.out, c.K, dq.as<uint8_t>(), dsc.as<float>(), nullptr).ok());
   EXPECT_TRUE(cuda::Fp8QuantDequant(dx.as<float>(), c.T, ldx, c.K, dxq.as<uint16_t>(), nullptr).ok());
   absl::Status st = cuda::Fp8MatMulRows(dxq.as<uint16_t>(), c.T, ldx, dq.as<uint8_t>(), dsc.as<float>(), c.out, c.K,
-                                        c.out / c.groups, dy.as<float>(), nullptr);
+                                        c.out / c.groups, dy.as<float>(), nullptr, rows_per_warp);
   EXPECT_TRUE(st.ok()) << st;
   if (xq_host) {
     const auto b = Down<uint16_t>(dxq, c.T * ldx);
@@ -323,9 +323,9 @@ TEST(CudaFp8GemmTest, FewRowGemmMatchesHostTwinAtOddShapes) {
   }
 }
 
-// Each row's sum runs in one fixed order whatever the other rows: a row alone
-// and the same row inside a batch of 13 (two passes) agree bit for bit, and
-// two runs agree bit for bit.
+// Each row's sum runs in one fixed order whatever the other rows and the
+// schedule: a row alone and the same row inside a batch of 13 (two passes)
+// agree bit for bit, as do two runs and 2 vs 4 rows a warp.
 TEST(CudaFp8GemmTest, FewRowGemmIsBatchInvariantAndDeterministic) {
   RETORT_SKIP_WITHOUT_CUDA();
   std::mt19937_64 rng(8);
@@ -334,6 +334,7 @@ TEST(CudaFp8GemmTest, FewRowGemmIsBatchInvariantAndDeterministic) {
   const std::vector<float> w = testing::RandomFloats(rng, batch.out * batch.K, -0.1f, 0.1f);
   const std::vector<float> a = RunRows(batch, x, w), b = RunRows(batch, x, w);
   ASSERT_EQ(a, b);
+  ASSERT_EQ(RunRows(batch, x, w, nullptr, 2), RunRows(batch, x, w, nullptr, 4));
   for (int64_t t : {0, 7, 12}) {
     const std::vector<float> xt(x.begin() + t * batch.K, x.begin() + (t + 1) * batch.K);
     const std::vector<float> y = RunRows(one, xt, w);

@@ -9,6 +9,7 @@
 
 #include "gtest/gtest.h"
 #include "model/kernels/cpu/cpu_kernels.h"
+#include "model/kernels/cuda/fp8_gemm.cuh"
 #include "model/kernels/cuda/mhc.cuh"
 #include "model/kernels/cuda/moe_router.cuh"
 #include "model/kernels/cuda/norm_rope.cuh"
@@ -74,6 +75,53 @@ TEST(CudaOpsTest, RopeAndInverseMatchCpuAtPerRowPositions) {
       EXPECT_TRUE(AllClose(Down<float>(dx, x.size()), want, 1e-6f, 0.0f, seed, "rope rows=" + std::to_string(rows)));
     }
   }
+}
+
+// The fused launches equal the separate ones bit for bit: RmsNormQuant =
+// RmsNorm then Fp8QuantDequant; RmsNormRope = RmsNorm (per head row) then
+// RopeAtPositions. Odd widths exercise the partial last 128-block.
+TEST(CudaOpsTest, FusedNormQuantAndNormRopeEqualTheSeparateOps) {
+  RETORT_SKIP_WITHOUT_CUDA();
+  const uint64_t seed = 13;
+  std::mt19937_64 rng(seed);
+  for (int64_t T : kRows)
+    for (int64_t D : {int64_t{64}, int64_t{304}, int64_t{1024}, int64_t{4096}}) {
+      auto x = RandomFloats(rng, T * D, -3.0f, 3.0f);
+      auto w = RandomFloats(rng, D, 0.5f, 1.5f);
+      auto dx = Up(x), dw = Up(w);
+      auto y1 = Zeros(4 * T * D), y2 = Zeros(4 * T * D), q1 = Zeros(2 * T * D), q2 = Zeros(2 * T * D);
+      ASSERT_TRUE(cuda::RmsNorm(dx.as<float>(), T, D, dw.as<float>(), 1e-6f, y1.as<float>(), nullptr).ok());
+      ASSERT_TRUE(cuda::Fp8QuantDequant(y1.as<float>(), T, D, D, q1.as<uint16_t>(), nullptr).ok());
+      ASSERT_TRUE(
+          cuda::RmsNormQuant(dx.as<float>(), T, D, dw.as<float>(), 1e-6f, y2.as<float>(), q2.as<uint16_t>(), nullptr)
+              .ok());
+      ASSERT_EQ(Down<float>(y1, T * D), Down<float>(y2, T * D)) << "T=" << T << " D=" << D;
+      ASSERT_EQ(Down<uint16_t>(q1, T * D), Down<uint16_t>(q2, T * D)) << "T=" << T << " D=" << D;
+    }
+  std::uniform_int_distribution<int64_t> posd(0, 70000);
+  for (int64_t rows : kRows)
+    for (int64_t heads : {int64_t{1}, int64_t{5}}) {
+      const int64_t D = 192, rope_dim = 64;
+      std::vector<float> inv_freq(rope_dim / 2);
+      for (int64_t i = 0; i < rope_dim / 2; ++i) inv_freq[i] = std::pow(10000.0f, -2.0f * i / rope_dim);
+      std::vector<int64_t> pos(rows);
+      for (auto& p : pos) p = posd(rng);
+      auto x = RandomFloats(rng, rows * heads * D, -3.0f, 3.0f);
+      auto w = RandomFloats(rng, D, 0.5f, 1.5f);
+      auto dx = Up(x), dw = Up(w), dp = Up(pos), df = Up(inv_freq);
+      for (bool weighted : {false, true}) {
+        const float* wp = weighted ? dw.as<float>() : nullptr;
+        auto y1 = Zeros(4 * x.size()), y2 = Zeros(4 * x.size());
+        ASSERT_TRUE(cuda::RmsNorm(dx.as<float>(), rows * heads, D, wp, 1e-6f, y1.as<float>(), nullptr).ok());
+        ASSERT_TRUE(cuda::RopeAtPositions(y1.as<float>(), rows, heads, D, rope_dim, dp.as<int64_t>(), df.as<float>(),
+                                          1.0f, nullptr)
+                        .ok());
+        ASSERT_TRUE(cuda::RmsNormRope(dx.as<float>(), rows, heads, D, wp, 1e-6f, rope_dim, dp.as<int64_t>(),
+                                      df.as<float>(), y2.as<float>(), nullptr)
+                        .ok());
+        ASSERT_EQ(Down<float>(y1, x.size()), Down<float>(y2, x.size())) << "rows=" << rows << " heads=" << heads;
+      }
+    }
 }
 
 TEST(CudaOpsTest, EmbedToStreamsCopiesRowsExactly) {

@@ -12,7 +12,7 @@ namespace retort::cuda {
 namespace {
 
 constexpr int kHeadsPerBlock = 8;  // one warp per head
-constexpr int kKeyTile = 16;
+constexpr int kKeyTile = 16;      // a multiple of kHeadsPerBlock
 constexpr int kMaxPerLane = 16;    // D <= 512
 constexpr int kMaxSplits = 64;     // StepAttentionSplits' cap
 
@@ -92,6 +92,8 @@ __device__ __forceinline__ void AttendRow(const Args& a, const Keys& keys, int64
     __syncthreads();  // previous tile consumed
     // Stage the tile: warp w copies keys w, w + 8, ... with float4 loads, the
     // key's address resolved once (ring / this step's rows / selected entry).
+    // (Holding both keys' loads in registers first spilled and ran 1.8x
+    // slower on an H200.)
     for (int j = warp; j < nt; j += kHeadsPerBlock) {
       const float4* src = reinterpret_cast<const float4*>(keys.Key(k0 + j));
       float4* dst = reinterpret_cast<float4*>(ktile + j * D);
@@ -166,30 +168,43 @@ __global__ void __launch_bounds__(kHeadsPerBlock * 32) StepAttentionKernel(StepA
 
 // grid (N, H), D threads: merges the splits of one (row, head) with the sink.
 // The splits' weights exp(m_z - M) are computed once, in shared memory.
+// (inv_denom holds the denominator itself.)
 __global__ void StepAttentionCombineKernel(StepAttentionArgs a, int splits) {
   __shared__ float weight[kMaxSplits];
   __shared__ float inv_denom;
   const int64_t row = blockIdx.x, h = blockIdx.y, D = a.D;
   const float* pp = a.partial + (row * a.H + h) * splits * (D + 2);
-  if (threadIdx.x < 32) {
+  if (threadIdx.x < 32) {  // lane z (and z + 32) reads split z's (m, l) at once; fixed-order warp reductions
+    const int lane = threadIdx.x;
     const float sink = a.sinks[h];
+    constexpr int kPer = kMaxSplits / 32;
+    float mz[kPer], lz[kPer];
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int z = lane + 32 * u;
+      lz[u] = z < splits ? pp[z * (D + 2) + 1] : 0.0f;
+      mz[u] = z < splits ? pp[z * (D + 2)] : -INFINITY;
+    }
     float M = sink;
-    for (int z = 0; z < splits; ++z)
-      if (pp[z * (D + 2) + 1] > 0.0f) M = fmaxf(M, pp[z * (D + 2)]);
-    float denom = expf(sink - M);
-    for (int z = 0; z < splits; ++z) {
-      const float l = pp[z * (D + 2) + 1];
-      if (l > 0.0f) denom += l * expf(pp[z * (D + 2)] - M);
+#pragma unroll
+    for (int u = 0; u < kPer; ++u)
+      if (lz[u] > 0.0f) M = fmaxf(M, mz[u]);
+    M = internal::WarpMax(M);
+    float part = 0.0f;
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int z = lane + 32 * u;
+      const float wz = lz[u] > 0.0f ? expf(mz[u] - M) : 0.0f;
+      if (z < splits) weight[z] = wz;
+      part += lz[u] * wz;
     }
-    for (int z = threadIdx.x; z < splits; z += 32) {
-      const float l = pp[z * (D + 2) + 1];
-      weight[z] = l > 0.0f ? expf(pp[z * (D + 2)] - M) : 0.0f;
-    }
-    if (threadIdx.x == 0) inv_denom = denom;
+    const float denom = internal::WarpSum(part) + expf(sink - M);
+    if (lane == 0) inv_denom = denom;
   }
   __syncthreads();
   for (int64_t e = threadIdx.x; e < D; e += blockDim.x) {
     float acc = 0.0f;
+#pragma unroll 8
     for (int z = 0; z < splits; ++z)
       if (weight[z] != 0.0f) acc += pp[z * (D + 2) + 2 + e] * weight[z];
     a.out[(row * a.H + h) * D + e] = acc / inv_denom;

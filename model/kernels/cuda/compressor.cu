@@ -9,7 +9,7 @@
 namespace retort::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 512;  // one channel a thread for c = 512 (decode emits are latency-bound)
 constexpr int kMaxC = 1024;
 
 // One compressor row: kv and score (width w), plus ape to add to the score
@@ -38,17 +38,23 @@ __device__ void EmitEntry(const CompressorShape& s, int64_t i_entry, bool has_pr
   float ss = 0.0f;
   for (int64_t ch = threadIdx.x; ch < c; ch += kThreads) {
     float mx = -INFINITY;
-    if (has_prev)
+    if (has_prev) {
+#pragma unroll 4
       for (int j = 0; j < m; ++j) mx = fmaxf(mx, prev(j).Score(ch));
+    }
+#pragma unroll 4
     for (int j = 0; j < m; ++j) mx = fmaxf(mx, cur(j).Score(cur_off + ch));
     float denom = 0.0f, acc = 0.0f;
-    if (has_prev)
+    if (has_prev) {
+#pragma unroll 4
       for (int j = 0; j < m; ++j) {
         const Row r = prev(j);
         const float e = expf(r.Score(ch) - mx);
         denom += e;
         acc += e * r.kv[ch];
       }
+    }
+#pragma unroll 4
     for (int j = 0; j < m; ++j) {
       const Row r = cur(j);
       const float e = expf(r.Score(cur_off + ch) - mx);
@@ -184,12 +190,13 @@ __global__ void __launch_bounds__(kThreads) CompressorPrevKernel(CompressorShape
   const int64_t c = s.c;
   const int64_t last = (rows.p0 + T) / m - 1;
   if (last < rows.p0 / m) return;  // nothing emitted
-  for (int64_t idx = threadIdx.x; idx < m * c; idx += kThreads) {
-    const int j = static_cast<int>(idx / c);
-    const int64_t e = idx % c;
+  for (int j = 0; j < m; ++j) {
     const Row r = rows.At(last * m + j);
-    st.prev_kv[slot * m * c + idx] = r.kv[e];
-    st.prev_score[slot * m * c + idx] = r.Score(e);
+#pragma unroll 2
+    for (int64_t e = threadIdx.x; e < c; e += kThreads) {
+      st.prev_kv[(slot * m + j) * c + e] = r.kv[e];
+      st.prev_score[(slot * m + j) * c + e] = r.Score(e);
+    }
   }
 }
 

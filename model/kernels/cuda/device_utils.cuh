@@ -4,6 +4,8 @@
 #ifndef RETORT_MODEL_KERNELS_CUDA_DEVICE_UTILS_CUH_
 #define RETORT_MODEL_KERNELS_CUDA_DEVICE_UTILS_CUH_
 
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -41,6 +43,22 @@ __device__ __forceinline__ float BlockMax(float v, float* scratch) {
   float t = lane < nw ? scratch[lane] : -INFINITY;
   return WarpMax(t);
 }
+
+// V4's dynamic FP8 activation scale of a block from its amax (floored at
+// 1e-4): 2^ceil(log2(amax / 448)), so |x / scale| <= 448 (V4_SPEC §FP8).
+__device__ __forceinline__ float Fp8Pow2Scale(float amax) {
+  const float r = fmaxf(amax, 1e-4f) / 448.0f;
+  int e = 0;
+  const float m = frexpf(r, &e);  // r = m * 2^e, m in [0.5, 1)
+  return ldexpf(1.0f, m == 0.5f ? e - 1 : e);
+}
+// e4m3(v / scale) * scale (round to nearest even, saturating): exact in bf16.
+__device__ __forceinline__ float Fp8RoundTrip(float v, float scale) {
+  const __nv_fp8_storage_t q = __nv_cvt_float_to_fp8(v / scale, __NV_SATFINITE, __NV_E4M3);
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(q, __NV_E4M3))) * scale;
+}
+// A float with at most 8 significant bits (e.g. Fp8RoundTrip's) -> its bf16 bits.
+__device__ __forceinline__ uint16_t ExactBf16Bits(float v) { return static_cast<uint16_t>(__float_as_uint(v) >> 16); }
 
 // E8M0 byte -> 2^(v-127), exactly as E8M0ToF32 (0xff is NaN, 0 is 2^-127).
 __device__ __forceinline__ float E8M0(uint8_t v) {

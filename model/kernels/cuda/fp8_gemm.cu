@@ -26,11 +26,8 @@ constexpr size_t kWorkspaceBytes = kFp8GemmWorkspaceBytes;
 // The block scale from its amax; the host twin in the test computes the same
 // expressions (IEEE division, frexp), so the scales agree bit for bit.
 __device__ __forceinline__ float BlockScale(float amax, Fp8ScaleRule rule) {
-  const float r = fmaxf(amax, kAmaxFloor) / kE4M3Max;
-  if (rule == Fp8ScaleRule::kAmax) return r;
-  int e = 0;
-  const float m = frexpf(r, &e);  // r = m * 2^e, m in [0.5, 1)
-  return ldexpf(1.0f, m == 0.5f ? e - 1 : e);
+  if (rule == Fp8ScaleRule::kPow2) return internal::Fp8Pow2Scale(amax);
+  return fmaxf(amax, kAmaxFloor) / kE4M3Max;
 }
 
 __device__ __forceinline__ float4 Load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
@@ -234,10 +231,6 @@ __global__ void Fp8QuantizeWeightsKernel(const float* __restrict__ w, int64_t ou
   }
 }
 
-__device__ __forceinline__ float E4M3ToFloat(uint8_t code) {
-  return __half2float(__half(__nv_cvt_fp8_to_halfraw(code, __NV_E4M3)));
-}
-
 // One warp per (row, 128-block of a group), four values a lane.
 __global__ void Fp8QuantDequantKernel(const float* __restrict__ x, int64_t T, int64_t in, int64_t group_in,
                                       uint16_t* __restrict__ xq) {
@@ -256,13 +249,11 @@ __global__ void Fp8QuantDequantKernel(const float* __restrict__ x, int64_t T, in
     v[j] = k < k1 ? x[t * in + k] : 0.0f;
     amax = fmaxf(amax, fabsf(v[j]));
   }
-  const float s = BlockScale(internal::WarpMax(amax), Fp8ScaleRule::kPow2);
+  const float s = internal::Fp8Pow2Scale(internal::WarpMax(amax));
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int64_t k = k0 + 4 * lane + j;
-    if (k >= k1) continue;
-    const float q = E4M3ToFloat(__nv_cvt_float_to_fp8(v[j] / s, __NV_SATFINITE, __NV_E4M3)) * s;
-    xq[t * in + k] = static_cast<uint16_t>(__float_as_uint(q) >> 16);  // exact: q has <= 4 significant bits
+    if (k < k1) xq[t * in + k] = internal::ExactBf16Bits(internal::Fp8RoundTrip(v[j], s));
   }
 }
 
@@ -325,79 +316,76 @@ struct WeightChunk {
 };
 
 // Note [Few-row GEMM layout]
-// A warp owns a pair of output rows (same 128-row scale block, same group) and
-// a share of their K: lane j of the `wpr` warps of a pair takes 16-value chunks
-// j, j + 32 wpr, ... (coalesced 16-byte weight loads, two chunks in flight per
-// row). Each chunk lies inside one 128-block, so an FP8 chunk's dot product is
-// scaled once (bf16 weights have no scales). Lane sums reduce by shuffles, the
-// pair's warps through shared memory in a fixed order. TT rows of x per pass
-// share every weight load. x is bf16 (FP8: quant-dequantized activations), or
-// f32 rounded to bf16 on load (bf16 weights: the cuBLAS bf16 GEMM's inputs).
-template <int TT, bool kFp8W, bool kF32X>
+// A warp owns R output rows (R = 2 or 4, aligned: same 128-row scale block,
+// same group) and a share of their K: lane j of the `wpr` warps of a row set
+// takes 16-value chunks j, j + 32 wpr, ... (coalesced 16-byte weight loads,
+// two chunks of each row in flight). Each chunk lies inside one 128-block, so
+// an FP8 chunk's dot product is scaled once (bf16 weights have no scales).
+// Lane sums reduce by shuffles, the set's warps through shared memory in a
+// fixed order. TT rows of x per pass share every weight load. x is bf16
+// (FP8: quant-dequantized activations), or f32 rounded to bf16 on load (bf16
+// weights: the cuBLAS bf16 GEMM's inputs). A row's sum does not depend on R,
+// TT or the other rows: every output is one fixed sequence of operations.
+template <int TT, int R, bool kFp8W, bool kF32X>
 __global__ void __launch_bounds__(256) FewRowMatMulKernel(const void* __restrict__ xv, int64_t T, int64_t ldx,
                                                           const uint8_t* __restrict__ w,
                                                           const float* __restrict__ w_scales, int64_t out, int64_t K,
                                                           int64_t out_per_group, int wpr, float* __restrict__ y) {
-  __shared__ float red[8][2][TT];
+  __shared__ float red[8][R][TT];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int pairs = 8 / wpr, pair = warp / wpr, part = warp % wpr;
-  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * pairs + pair) * 2;
+  const int sets = 8 / wpr, set = warp / wpr, part = warp % wpr;
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * sets + set) * R;
   const int64_t chunks = K / 16, kb_per_row = (K + kBlock - 1) / kBlock, stride = 32 * wpr;
   const int64_t row_bytes = kFp8W ? K : 2 * K;
-  float acc[2][TT];
+  float acc[R][TT];
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int t = 0; t < TT; ++t) acc[r][t] = 0.0f;
   if (o0 < out) {
-    const bool has1 = o0 + 1 < out;
-    const uint8_t* w0 = w + o0 * row_bytes;
-    const uint8_t* w1 = has1 ? w0 + row_bytes : w0;
+    const uint8_t* wr[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) wr[r] = w + (o0 + r < out ? o0 + r : o0) * row_bytes;
     const float* srow = kFp8W ? w_scales + (o0 / kBlock) * kb_per_row : nullptr;
     const int64_t xoff = (o0 / out_per_group) * K;
     for (int64_t c = part * 32 + lane; c < chunks; c += 2 * stride) {
       const int64_t c2 = c + stride;
       const bool two = c2 < chunks;
-      WeightChunk<kFp8W> q[2][2];
-      q[0][0].Load(w0, c);
-      q[0][1].Load(w1, c);
+      WeightChunk<kFp8W> q[2][R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) q[0][r].Load(wr[r], c);
       if (two) {
-        q[1][0].Load(w0, c2);
-        q[1][1].Load(w1, c2);
+#pragma unroll
+        for (int r = 0; r < R; ++r) q[1][r].Load(wr[r], c2);
       }
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         if (u == 1 && !two) break;
         const int64_t cc = u == 0 ? c : c2;
         const float s = kFp8W ? __ldg(srow + (cc * 16) / kBlock) : 1.0f;
-        float wa[16], wb[16];
-        q[u][0].Decode(wa);
-        q[u][1].Decode(wb);
+        float wv[R][16];
+#pragma unroll
+        for (int r = 0; r < R; ++r) q[u][r].Decode(wv[r]);
 #pragma unroll
         for (int t = 0; t < TT; ++t) {
           if (t >= T) break;
           float xr[16];
           if constexpr (kF32X) LoadF32AsBf16x16(static_cast<const float*>(xv) + t * ldx + xoff + cc * 16, xr);
           else LoadBf16x16(static_cast<const uint16_t*>(xv) + t * ldx + xoff + cc * 16, xr);
-          float da = 0.0f, db = 0.0f;
 #pragma unroll
-          for (int i = 0; i < 16; ++i) {
-            da = fmaf(wa[i], xr[i], da);
-            db = fmaf(wb[i], xr[i], db);
-          }
-          if constexpr (kFp8W) {
-            acc[0][t] = fmaf(da, s, acc[0][t]);
-            acc[1][t] = fmaf(db, s, acc[1][t]);
-          } else {
-            acc[0][t] += da;
-            acc[1][t] += db;
+          for (int r = 0; r < R; ++r) {
+            float dt = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) dt = fmaf(wv[r][i], xr[i], dt);
+            if constexpr (kFp8W) acc[r][t] = fmaf(dt, s, acc[r][t]);
+            else acc[r][t] += dt;
           }
         }
       }
     }
   }
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int t = 0; t < TT; ++t) {
       const float v = internal::WarpSum(acc[r][t]);
@@ -405,24 +393,21 @@ __global__ void __launch_bounds__(256) FewRowMatMulKernel(const void* __restrict
     }
   __syncthreads();
   const int i = threadIdx.x;
-  if (i < pairs * 2 * TT) {
-    const int p = i / (2 * TT), r = (i / TT) % 2, t = i % TT;
-    const int64_t o = (static_cast<int64_t>(blockIdx.x) * pairs + p) * 2 + r;
+  if (i < sets * R * TT) {
+    const int st = i / (R * TT), r = (i / TT) % R, t = i % TT;
+    const int64_t o = (static_cast<int64_t>(blockIdx.x) * sets + st) * R + r;
     if (o < out && t < T) {
       float v = 0.0f;
-      for (int q = 0; q < wpr; ++q) v += red[p * wpr + q][r][t];
+      for (int q = 0; q < wpr; ++q) v += red[st * wpr + q][r][t];
       y[t * out + o] = v;
     }
   }
 }
 
-template <bool kFp8W, bool kF32X>
-absl::Status LaunchFewRow(const void* x, int64_t T, int64_t ldx, const uint8_t* w, const float* w_scales, int64_t out,
-                          int64_t K, int64_t out_per_group, float* y, cudaStream_t stream) {
-  const int64_t chunks = K / 16;
-  int wpr = 1;
-  while (wpr < 8 && chunks >= 64 * 2 * wpr) wpr *= 2;  // >= 2 chunks a lane
-  const int64_t rows_per_block = 2 * (8 / wpr);
+template <int R, bool kFp8W, bool kF32X>
+absl::Status LaunchFewRowR(const void* x, int64_t T, int64_t ldx, const uint8_t* w, const float* w_scales,
+                           int64_t out, int64_t K, int64_t out_per_group, int wpr, float* y, cudaStream_t stream) {
+  const int64_t rows_per_block = R * (8 / wpr);
   const int64_t grid = (out + rows_per_block - 1) / rows_per_block;
   if (grid > INT_MAX) return absl::InvalidArgumentError("few-row GEMM: too large");
   const unsigned g = static_cast<unsigned>(grid);
@@ -432,16 +417,33 @@ absl::Status LaunchFewRow(const void* x, int64_t T, int64_t ldx, const uint8_t* 
     const void* xt = static_cast<const uint8_t*>(x) + t0 * ldx * xsize;
     float* yy = y + t0 * out;
     if (n == 1)
-      FewRowMatMulKernel<1, kFp8W, kF32X><<<g, 256, 0, stream>>>(xt, n, ldx, w, w_scales, out, K, out_per_group, wpr, yy);
+      FewRowMatMulKernel<1, R, kFp8W, kF32X><<<g, 256, 0, stream>>>(xt, n, ldx, w, w_scales, out, K, out_per_group, wpr, yy);
     else if (n == 2)
-      FewRowMatMulKernel<2, kFp8W, kF32X><<<g, 256, 0, stream>>>(xt, n, ldx, w, w_scales, out, K, out_per_group, wpr, yy);
+      FewRowMatMulKernel<2, R, kFp8W, kF32X><<<g, 256, 0, stream>>>(xt, n, ldx, w, w_scales, out, K, out_per_group, wpr, yy);
     else if (n <= 4)
-      FewRowMatMulKernel<4, kFp8W, kF32X><<<g, 256, 0, stream>>>(xt, n, ldx, w, w_scales, out, K, out_per_group, wpr, yy);
+      FewRowMatMulKernel<4, R, kFp8W, kF32X><<<g, 256, 0, stream>>>(xt, n, ldx, w, w_scales, out, K, out_per_group, wpr, yy);
     else
-      FewRowMatMulKernel<8, kFp8W, kF32X><<<g, 256, 0, stream>>>(xt, n, ldx, w, w_scales, out, K, out_per_group, wpr, yy);
+      FewRowMatMulKernel<8, R, kFp8W, kF32X><<<g, 256, 0, stream>>>(xt, n, ldx, w, w_scales, out, K, out_per_group, wpr, yy);
     RETORT_CUDA_LAUNCH_CHECK();
   }
   return absl::OkStatus();
+}
+
+// rows_per_warp: 2 or 4, or 0 for the rule: 4 when the groups allow it and
+// the grid still has >= 2 blocks per SM (132 SMs), else 2.
+template <bool kFp8W, bool kF32X>
+absl::Status LaunchFewRow(const void* x, int64_t T, int64_t ldx, const uint8_t* w, const float* w_scales, int64_t out,
+                          int64_t K, int64_t out_per_group, float* y, int rows_per_warp, cudaStream_t stream) {
+  const int64_t chunks = K / 16;
+  int wpr = 1;
+  while (wpr < 8 && chunks >= 64 * 2 * wpr) wpr *= 2;  // >= 2 chunks a lane
+  const bool four_ok = out_per_group == out || out_per_group % 4 == 0;
+  int R = rows_per_warp;
+  if (R == 0) R = four_ok && (out + 4 * (8 / wpr) - 1) / (4 * (8 / wpr)) >= 264 ? 4 : 2;
+  if (R != 2 && R != 4) return absl::InvalidArgumentError(absl::StrCat("few-row GEMM: rows_per_warp ", R));
+  if (R == 4 && !four_ok) return absl::InvalidArgumentError("few-row GEMM: 4 rows a warp would straddle groups");
+  if (R == 4) return LaunchFewRowR<4, kFp8W, kF32X>(x, T, ldx, w, w_scales, out, K, out_per_group, wpr, y, stream);
+  return LaunchFewRowR<2, kFp8W, kF32X>(x, T, ldx, w, w_scales, out, K, out_per_group, wpr, y, stream);
 }
 
 }  // namespace
@@ -472,7 +474,8 @@ absl::Status Fp8QuantDequant(const float* x, int64_t T, int64_t in, int64_t grou
 }
 
 absl::Status Fp8MatMulRows(const uint16_t* xq, int64_t T, int64_t ldx, const uint8_t* w, const float* w_scales,
-                           int64_t out, int64_t K, int64_t out_per_group, float* y, cudaStream_t stream) {
+                           int64_t out, int64_t K, int64_t out_per_group, float* y, cudaStream_t stream,
+                           int rows_per_warp) {
   if (T < 0 || out <= 0 || K <= 0 || K % 16 != 0 || ldx % 8 != 0 || out_per_group <= 0 || out % out_per_group != 0 ||
       (out_per_group != out && out_per_group % 2 != 0) || ldx < (out / out_per_group) * K)
     return absl::InvalidArgumentError(absl::StrCat("FP8 few-row GEMM: T = ", T, ", ldx = ", ldx, ", out = ", out,
@@ -481,18 +484,19 @@ absl::Status Fp8MatMulRows(const uint16_t* xq, int64_t T, int64_t ldx, const uin
   if (reinterpret_cast<uintptr_t>(xq) % 16 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0)
     return absl::InvalidArgumentError("FP8 few-row GEMM: xq and w must be 16-byte aligned");
   if (T == 0) return absl::OkStatus();
-  return LaunchFewRow<true, false>(xq, T, ldx, w, w_scales, out, K, out_per_group, y, stream);
+  return LaunchFewRow<true, false>(xq, T, ldx, w, w_scales, out, K, out_per_group, y, rows_per_warp, stream);
 }
 
 absl::Status Bf16MatMulRows(const float* x, int64_t T, int64_t ldx, const uint16_t* w, int64_t out, int64_t K,
-                            float* y, cudaStream_t stream) {
+                            float* y, cudaStream_t stream, int rows_per_warp) {
   if (T < 0 || out <= 0 || K <= 0 || K % 16 != 0 || ldx % 4 != 0 || ldx < K)
     return absl::InvalidArgumentError(absl::StrCat("bf16 few-row GEMM: T = ", T, ", ldx = ", ldx, ", out = ", out,
                                                    ", K = ", K, " (K % 16 == 0, ldx % 4 == 0, ldx >= K)"));
   if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0)
     return absl::InvalidArgumentError("bf16 few-row GEMM: x and w must be 16-byte aligned");
   if (T == 0) return absl::OkStatus();
-  return LaunchFewRow<false, true>(x, T, ldx, reinterpret_cast<const uint8_t*>(w), nullptr, out, K, out, y, stream);
+  return LaunchFewRow<false, true>(x, T, ldx, reinterpret_cast<const uint8_t*>(w), nullptr, out, K, out, y, rows_per_warp,
+                                   stream);
 }
 
 }  // namespace retort::cuda

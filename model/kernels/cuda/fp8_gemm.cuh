@@ -114,9 +114,11 @@ class Fp8BlockGemm {
 // Fp8QuantDequant; a plain projection has out_per_group = out, ldx = K).
 // K % 16 == 0, ldx % 8 == 0, xq and w 16-byte aligned, out % out_per_group
 // == 0. Any T >= 0 (passes of up to 8 rows; each pass reads W once).
+// rows_per_warp (2 or 4; 0: chosen by shape) only changes the schedule, not
+// a bit of y.
 [[nodiscard]] absl::Status Fp8MatMulRows(const uint16_t* xq, int64_t T, int64_t ldx, const uint8_t* w,
                                          const float* w_scales, int64_t out, int64_t K, int64_t out_per_group,
-                                         float* y, cudaStream_t stream);
+                                         float* y, cudaStream_t stream, int rows_per_warp = 0);
 
 // The same few-row kernel for bf16 weights W [out, K]: y [T, out] f32 = bf16(x)
 // W^T, x [T, ldx] f32 rounded to bf16 on load (round to nearest even), fp32
@@ -124,7 +126,7 @@ class Fp8BlockGemm {
 // one launch and without split-K. K % 16 == 0, ldx % 4 == 0, x and w 16-byte
 // aligned.
 [[nodiscard]] absl::Status Bf16MatMulRows(const float* x, int64_t T, int64_t ldx, const uint16_t* w, int64_t out,
-                                          int64_t K, float* y, cudaStream_t stream);
+                                          int64_t K, float* y, cudaStream_t stream, int rows_per_warp = 0);
 
 }  // namespace retort::cuda
 

@@ -10,7 +10,7 @@ namespace retort::cuda {
 namespace {
 
 constexpr int kMaxMix = 24;
-constexpr int kMaxHcSlices = 32;  // HcMaps stages up to this many slices' partials in shared memory
+constexpr int kMaxHcSlices = 64;  // HcMaps stages up to this many slices' partials in shared memory
 constexpr int kThreads = 256;
 
 __device__ __forceinline__ float SigmoidF(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -128,7 +128,7 @@ __global__ void HcPostKernel(int hc, int64_t d, const float* __restrict__ F, con
 // (rows, slices) blocks writing per-slice partial sums (fixed slice order, so
 // deterministic), then one small block per row reduces them and computes the
 // maps and Sinkhorn, then (rows, d/256) blocks collapse the streams.
-constexpr int64_t kSliceWidth = 1024;
+constexpr int64_t kSliceWidth = 256;  // one value a thread: a decode row spreads over hc*d/256 blocks
 
 int64_t Slices(const HcParams& p) { return (p.hc * p.d + kSliceWidth - 1) / kSliceWidth; }
 
@@ -148,44 +148,32 @@ __global__ void __launch_bounds__(kThreads) HcMixPartialKernel(HcParams p, int m
 // softmax + eps, then alternating column / row normalisations, each sum in
 // index order), without its serial chain of hc*hc divisions per pass.
 __device__ void SinkhornWarp(float* m, int hc, int iters, float eps) {
+  // Element (i, j) lives in lane i*hc + j's register; row and column sums
+  // gather it by shuffles (all lanes take part; lanes past hc*hc compute
+  // nothing they keep).
   const int lane = threadIdx.x & 31;
   const bool on = lane < hc * hc;
   const int i = on ? lane / hc : 0, j = on ? lane % hc : 0;
   float v = on ? m[lane] : 0.0f;
+  __syncwarp();
   float mx = -INFINITY;
-  if (on)
-    for (int k = 0; k < hc; ++k) mx = fmaxf(mx, m[i * hc + k]);
-  __syncwarp();
-  if (on) m[lane] = expf(v - mx);
-  __syncwarp();
-  if (on) {
-    float sum = 0.0f;
-    for (int k = 0; k < hc; ++k) sum += m[i * hc + k];
-    v = m[lane] / sum + eps;
-  }
-  __syncwarp();
-  if (on) m[lane] = v;
-  __syncwarp();
+  for (int k = 0; k < hc; ++k) mx = fmaxf(mx, __shfl_sync(0xffffffffu, v, i * hc + k));
+  v = expf(v - mx);
+  float sum = 0.0f;
+  for (int k = 0; k < hc; ++k) sum += __shfl_sync(0xffffffffu, v, i * hc + k);
+  v = v / sum + eps;
   for (int it = 0; it < iters; ++it) {
     if (it > 0) {
-      if (on) {
-        float rs = 0.0f;
-        for (int k = 0; k < hc; ++k) rs += m[i * hc + k];
-        v = m[lane] / (rs + eps);
-      }
-      __syncwarp();
-      if (on) m[lane] = v;
-      __syncwarp();
+      float rs = 0.0f;
+      for (int k = 0; k < hc; ++k) rs += __shfl_sync(0xffffffffu, v, i * hc + k);
+      v = v / (rs + eps);
     }
-    if (on) {
-      float cs = 0.0f;
-      for (int k = 0; k < hc; ++k) cs += m[k * hc + j];
-      v = m[lane] / (cs + eps);
-    }
-    __syncwarp();
-    if (on) m[lane] = v;
-    __syncwarp();
+    float cs = 0.0f;
+    for (int k = 0; k < hc; ++k) cs += __shfl_sync(0xffffffffu, v, k * hc + j);
+    v = v / (cs + eps);
   }
+  if (on) m[lane] = v;
+  __syncwarp();
 }
 
 // grid (rows), 32 threads: reduce the slices, then the maps (Sinkhorn by the
@@ -201,18 +189,31 @@ __global__ void HcMapsKernel(HcParams p, int64_t slices, const float* __restrict
   // The slices' partials come in with all their loads in flight at once
   // (a serial chain of `slices` global loads per lane took ~15 us at decode),
   // then each lane sums its column in slice order.
+  constexpr int kPerLane = kMaxHcSlices * (kMaxMix + 1) / 32;  // blockDim.x == 32
   __shared__ float part[kMaxHcSlices * (kMaxMix + 1)];
-  const int64_t n = slices * (kMaxMix + 1);
+  const int n = static_cast<int>(slices) * (kMaxMix + 1);
   const bool staged = slices <= kMaxHcSlices;
-  if (staged) {
-#pragma unroll 16
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) part[i] = partial[r * n + i];
+  if (staged) {  // a fixed trip count, so every load is issued before the first store
+    float v[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int i = static_cast<int>(threadIdx.x) + 32 * k;
+      v[k] = i < n ? __ldg(partial + r * n + i) : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int i = static_cast<int>(threadIdx.x) + 32 * k;
+      if (i < n) part[i] = v[k];
+    }
   }
   __syncthreads();
   if (threadIdx.x <= kMaxMix) {
     float t = 0.0f;
-    for (int64_t s = 0; s < slices; ++s)
-      t += staged ? part[s * (kMaxMix + 1) + threadIdx.x] : partial[(r * slices + s) * (kMaxMix + 1) + threadIdx.x];
+    if (staged) {
+      for (int64_t s = 0; s < slices; ++s) t += part[s * (kMaxMix + 1) + threadIdx.x];
+    } else {
+      for (int64_t s = 0; s < slices; ++s) t += partial[(r * slices + s) * (kMaxMix + 1) + threadIdx.x];
+    }
     mixes[threadIdx.x] = t;
   }
   __syncthreads();

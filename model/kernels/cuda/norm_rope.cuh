@@ -23,6 +23,21 @@ namespace retort::cuda {
 [[nodiscard]] absl::Status RmsNorm(const float* x, int64_t T, int64_t D, const float* weight, float eps, float* y,
                                    cudaStream_t stream);
 
+// RmsNorm that also writes xq [T, D] bf16 = the FP8 activation quantization
+// of its output (Fp8QuantDequant(y, T, D, D): 1 x 128 blocks, the last one
+// possibly partial), bit for bit: the few-row FP8 GEMM's input, without a
+// separate quantization launch.
+[[nodiscard]] absl::Status RmsNormQuant(const float* x, int64_t T, int64_t D, const float* weight, float eps, float* y,
+                                        uint16_t* xq, cudaStream_t stream);
+
+// RmsNorm of each head row of x [rows, heads, D] (weight [D] or nullptr),
+// then RoPE (sign +1) on its trailing rope_dim dims at positions[row]: the
+// same values as RmsNorm then RopeAtPositions, in one launch. In place
+// allowed.
+[[nodiscard]] absl::Status RmsNormRope(const float* x, int64_t rows, int64_t heads, int64_t D, const float* weight,
+                                       float eps, int64_t rope_dim, const int64_t* positions, const float* inv_freq,
+                                       float* y, cudaStream_t stream);
+
 // Interleaved RoPE on the trailing `rope_dim` dims of x [rows, heads, dim]:
 // row r is at position positions[r] (i64, device), pair i rotates by
 // angle = positions[r] * inv_freq[i] computed in fp32 (as ModelRunner::Rope);
