@@ -256,15 +256,8 @@ TEST(CudaModelTest, CopySequenceForksState) {
   EXPECT_EQ(MaxAbsDiff(x->data(), y->data(), 9 * f.V), 0.0f);
 }
 
-// Deployment prefill with enough rows per expert takes the tensor-core MXFP4
-// path (bf16 activations). Against the same random model in exact numerics
-// (f32 weights whose bf16 rounding the deployment model holds, the same MXFP4
-// experts), its relative L2 error over the logits must stay within 1.5x (+1%)
-// of the deployment model's with the experts on the CUDA-core kernels: bf16
-// flips router and indexer choices in a random model either way (~9% here),
-// while a wrong tile or permutation gives O(1).
-TEST(CudaModelTest, DeploymentTensorCorePrefillTracksExact) {
-  SKIP_WITHOUT_CUDA();
+// A two-layer (CSA, HCA) random model small enough for quick device tests.
+io::V4Config SmallRandomConfig() {
   io::V4Config c;
   c.vocab_size = 512, c.hidden_size = 256, c.num_layers = 2, c.num_heads = 4, c.head_dim = 64, c.rope_dim = 16;
   c.q_lora_rank = 128, c.o_groups = 2, c.o_lora_rank = 64, c.n_routed_experts = 8, c.n_shared_experts = 1;
@@ -274,6 +267,19 @@ TEST(CudaModelTest, DeploymentTensorCorePrefillTracksExact) {
   c.compress_ratio = {4, 16};
   c.hash_routed = {false, false};
   c.max_position_embeddings = 4096;
+  return c;
+}
+
+// Deployment prefill with enough rows per expert takes the tensor-core MXFP4
+// path (bf16 activations). Against the same random model in exact numerics
+// (f32 weights whose bf16 rounding the deployment model holds, the same MXFP4
+// experts), its relative L2 error over the logits must stay within 1.5x (+1%)
+// of the deployment model's with the experts on the CUDA-core kernels: bf16
+// flips router and indexer choices in a random model either way (~9% here),
+// while a wrong tile or permutation gives O(1).
+TEST(CudaModelTest, DeploymentTensorCorePrefillTracksExact) {
+  SKIP_WITHOUT_CUDA();
+  io::V4Config c = SmallRandomConfig();
   std::vector<int64_t> ids(300);
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int64_t>((i * 131 + 7) % c.vocab_size);
   std::vector<float> got[3];  // exact, deployment (tensor cores), deployment (CUDA cores)
@@ -312,20 +318,16 @@ TEST(CudaModelTest, DeploymentTensorCorePrefillTracksExact) {
 // and the indexer keeps every entry, so no top-k choice can flip; but each
 // FP8 activation quantization turns a tiny difference into occasional flips
 // of an e4m3 rounding (2^-4 of a value), so over a dozen FP8 projections the
-// two runs drift apart to a few percent (5.2% measured on an H200). The bound (relative L2 < 15%)
-// still catches a wrong path (a wrong scale, padding row or group gives
-// O(1)); the figures are printed.
+// two runs drift apart to a few percent (5.2% measured on an H200). The
+// bound (relative L2 < 15%) still catches a wrong path (a wrong scale,
+// padding row or group gives O(1)); the figures are printed.
 TEST(CudaModelTest, DeploymentFp8PathsAgree) {
   SKIP_WITHOUT_CUDA();
-  io::V4Config c;
-  c.vocab_size = 512, c.hidden_size = 512, c.num_layers = 2, c.num_heads = 4, c.head_dim = 128, c.rope_dim = 16;
-  c.q_lora_rank = 512, c.o_groups = 2, c.o_lora_rank = 128, c.n_routed_experts = 8, c.n_shared_experts = 1;
-  c.experts_per_token = 8, c.moe_intermediate = 512, c.routed_scaling_factor = 1.5, c.swiglu_limit = 10;
-  c.sliding_window = 16, c.index_n_heads = 4, c.index_head_dim = 32, c.index_topk = 128;
-  c.attention = {io::AttentionKind::kCsa, io::AttentionKind::kHca};
-  c.compress_ratio = {4, 16};
-  c.hash_routed = {false, false};
-  c.max_position_embeddings = 4096;
+  // Widths that take cuBLASLt's FP8 GEMM (in % 512 == 0); every expert routed,
+  // every indexer entry kept.
+  io::V4Config c = SmallRandomConfig();
+  c.hidden_size = 512, c.head_dim = 128, c.q_lora_rank = 512, c.o_lora_rank = 128, c.moe_intermediate = 512;
+  c.experts_per_token = 8, c.index_topk = 128;
   CudaModelOptions o;
   o.max_sequences = 2, o.max_length = 512;
   o.numerics = Numerics::kDeployment;

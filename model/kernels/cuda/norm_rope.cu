@@ -24,8 +24,9 @@ __global__ void EmbedKernel(const float* __restrict__ embed, const int64_t* __re
   }
 }
 
-// One block per row.
-__global__ void RmsNormKernel(const float* x, int64_t D, const float* __restrict__ weight, float eps, float* y) {
+// Row blockIdx.x of x -> y (one block per row).
+__device__ __forceinline__ void RmsNormRow(const float* x, int64_t D, const float* __restrict__ weight, float eps,
+                                           float* y) {
   __shared__ float scratch[32];
   const float* xt = x + static_cast<int64_t>(blockIdx.x) * D;
   float* yt = y + static_cast<int64_t>(blockIdx.x) * D;
@@ -41,23 +42,16 @@ __global__ void RmsNormKernel(const float* x, int64_t D, const float* __restrict
   }
 }
 
-// RmsNormKernel, then (after the block's y is complete) warp w quantizes the
+__global__ void RmsNormKernel(const float* x, int64_t D, const float* __restrict__ weight, float eps, float* y) {
+  RmsNormRow(x, D, weight, eps, y);
+}
+
+// RmsNormRow, then (after the block's y is complete) warp w quantizes the
 // 128-blocks w, w + warps, ... of the row, four values a lane.
 __global__ void RmsNormQuantKernel(const float* x, int64_t D, const float* __restrict__ weight, float eps, float* y,
                                    uint16_t* __restrict__ xq) {
-  __shared__ float scratch[32];
-  const float* xt = x + static_cast<int64_t>(blockIdx.x) * D;
-  float* yt = y + static_cast<int64_t>(blockIdx.x) * D;
-  float ss = 0.0f;
-#pragma unroll 4
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) ss += xt[i] * xt[i];
-  ss = BlockSum(ss, scratch);
-  const float r = 1.0f / sqrtf(ss / static_cast<float>(D) + eps);
-#pragma unroll 4
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
-    const float v = xt[i] * r;
-    yt[i] = weight ? weight[i] * v : v;
-  }
+  RmsNormRow(x, D, weight, eps, y);
+  const float* yt = y + static_cast<int64_t>(blockIdx.x) * D;
   __syncthreads();  // yt complete (global writes of this block are visible to it)
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   uint16_t* qt = xq + static_cast<int64_t>(blockIdx.x) * D;
