@@ -63,6 +63,39 @@ namespace retort::cuda {
                                               const int32_t* group_offsets, const int32_t* group_expert,
                                               const int32_t* row_index, float* y, cudaStream_t stream);
 
+// Decode-shaped grouped products (1..16 rows per expert) on the tensor cores
+// with exact f32 x: x is split into three bf16 terms (hi + mid + lo == x), so
+// every product is exact and the result equals cpu::MxFp4MatMul up to fp32
+// summation order, like MxFp4GroupedMatMul (Note [MXFP4 decode MMA] in
+// mxfp4.cu). Same group interface as MxFp4GroupedMatMul: group g multiplies
+// permuted rows m in [group_offsets[g], group_offsets[g+1]), reading x row
+// row_index[m] (row_index == nullptr: row m), by expert group_expert[g], and
+// writes output row m. Groups with no rows cost one CTA exit. Each expert's
+// W is read once per pass of 8 rows; any row count is correct.
+// in % 32 == 0 (else InvalidArgument); any out >= 0. x and codes 16-byte
+// aligned. group_offsets / group_expert: device i32, required when groups > 0.
+// Deterministic and batch-invariant: output row m depends only on x row
+// row_index[m] and the expert's W, bit for bit (not on the other rows, groups
+// or the launch), and no atomics are used.
+
+// h [M, inter] = SwiGLU(x W1^T, x W3^T) with the V4 clamps, as cuda::SwiGlu /
+// ModelRunner::MoeBlock: h = silu(min(g, limit)) * clamp(u, -limit, limit)
+// (limit <= 0: no clamp). W1 and W3: codes [E, inter, in/2], scales
+// [E, inter, in/32]. One launch; W1 and W3 rows are read once per pass for
+// all of a group's rows, and g, u never reach global memory.
+[[nodiscard]] absl::Status MxFp4GroupedGateUp(const float* x, int64_t in, const uint8_t* w1_codes,
+                                              const uint8_t* w1_scales, const uint8_t* w3_codes,
+                                              const uint8_t* w3_scales, int64_t inter, float limit, int groups,
+                                              const int32_t* group_offsets, const int32_t* group_expert,
+                                              const int32_t* row_index, float* h, cudaStream_t stream);
+
+// y [M, out] = x W^T per group (the down projection: x = h, row_index =
+// nullptr); W: codes [E, out, in/2], scales [E, out, in/32].
+[[nodiscard]] absl::Status MxFp4GroupedMatMulDecode(const float* x, int64_t in, const uint8_t* codes,
+                                                    const uint8_t* scales, int64_t out, int groups,
+                                                    const int32_t* group_offsets, const int32_t* group_expert,
+                                                    const int32_t* row_index, float* y, cudaStream_t stream);
+
 // Rows per expert group from which the tensor-core kernels win (measured with
 // bench/mxfp4_gemm on an H200: see the dispatch rule above).
 inline constexpr int64_t kMxFp4TensorCoreMinRows = 16;
