@@ -36,6 +36,29 @@
 //   128 x 256 (register decode, ~232 TFLOP/s at M = 8192) and 64 x 128 are
 //   kept for tests and benchmarks only.
 // bench/mxfp4_gemm measures both against cuBLAS bf16 on dequantized weights.
+//
+// Decode kernels (f32 x, exact products; MxFp4GroupedGateUp and
+// MxFp4GroupedMatMulDecode below), measured on an H200 (HBM copy 4267 GB/s)
+// with bench/mxfp4_gemm --decode at the V4-Flash expert shapes, 256 experts,
+// 6 routed per token, bytes = codes + scales of the experts touched:
+//   tokens  rows/expert  gate/up old -> new (%HBM)   down old -> new (%HBM)
+//     1        1          66.8 -> 30.4 us (19 -> 41%)  35.8 -> 17.3 us (18 -> 36%)
+//     8       ~1.1       430 -> 223 us  (22 -> 42%)   242 -> 117 us  (19 -> 40%)
+//    64       ~1.9       2197 -> 1000 us (19 -> 42%)  1225 -> 535 us (17 -> 39%)
+//   256       ~6.0       5029 -> 1837 us (11 -> 29%)  2648 -> 960 us (10 -> 28%)
+// ("old" gate/up = 2 x MxFp4GroupedMatMul + SwiGlu.) Rule, rows = rows per
+// expert group, f32 numerics:
+//   grouped over an expert stack, rows < kMxFp4TensorCoreMinRows: the decode
+//     kernels (2.0-2.8x the CUDA-core MxFp4GroupedMatMul at every row count
+//     measured, 1..~6 rows per expert);
+//   one expert matrix alone (a grid of only out / 32 or out / 64 CTAs, below
+//     the 132 SMs): MxFp4GroupedGateUp still wins (1.3-1.65x at 1..64 rows),
+//     but for the down shape MxFp4MatMul / MxFp4GroupedMatMul is faster
+//     (the decode kernel is 0.77-0.92x there; it needs >= 3 groups to fill
+//     the GPU).
+// With bf16 activations the tensor-core kernels above remain the choice from
+// 16 rows per expert (and Moe()'s 4-row grouped rule); the decode kernels were
+// not measured against them at 4..16 rows.
 #ifndef RETORT_MODEL_KERNELS_CUDA_MXFP4_CUH_
 #define RETORT_MODEL_KERNELS_CUDA_MXFP4_CUH_
 
