@@ -16,7 +16,11 @@
 // Shapes: V4-Flash experts, hidden 4096, moe_intermediate 2048: the gate/up
 // projection (out 2048, in 4096) and the down projection (out 4096, in 2048).
 //
-// usage: mxfp4_gemm_bench [--quick]
+// A last table compares the decode kernels (MxFp4GroupedGateUp,
+// MxFp4GroupedMatMulDecode) with the CUDA-core grouped path at 1..256 tokens
+// x 6 routed over 256 experts and at 1..64 rows on one expert (RunDecode).
+//
+// usage: mxfp4_gemm_bench [--quick | --decode]   (--decode: only that table)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -32,6 +36,8 @@
 #include "model/kernels/cuda/cuda_runtime.cuh"
 #include "model/kernels/cuda/dense_gemm.cuh"
 #include "model/kernels/cuda/mxfp4.cuh"
+#include "model/kernels/cuda/norm_rope.cuh"
+#include "model/kernels/cuda/random_fill.cuh"
 #include "model/tensor/dtype.h"
 
 namespace retort {
@@ -73,6 +79,191 @@ Weights RandomWeights(int64_t out, int64_t in, std::mt19937& rng) {
 }
 
 constexpr size_t kRotateBytes = size_t{256} << 20;  // > L2 (50 MB on H100/H200)
+
+
+// The decode kernels (MxFp4GroupedGateUp, MxFp4GroupedMatMulDecode) beside
+// the CUDA-core path they replace (2 x MxFp4GroupedMatMul + SwiGlu for gate/
+// up; MxFp4GroupedMatMul for down), on a 256-expert V4-Flash stack filled on
+// the device. Bytes = packed codes + E8M0 scales of the experts a launch
+// touches (W1 + W3, or W2); x / h / y traffic is not counted. Each row cycles
+// over 8 routings (or 16 experts for the one-expert rows) so that launches
+// read their weights from HBM, not from the L2 the previous launch filled.
+void RunDecode(cudaStream_t stream, double bw) {
+  const int64_t E = 256, d = 4096, I = 2048;
+  const int K = 6;
+  const int64_t w13 = E * I * d;  // weights per stack
+  cuda::DeviceBuffer c1 = Value(cuda::DeviceBuffer::Allocate(w13 / 2)), s1 = Value(cuda::DeviceBuffer::Allocate(w13 / 32));
+  cuda::DeviceBuffer c3 = Value(cuda::DeviceBuffer::Allocate(w13 / 2)), s3 = Value(cuda::DeviceBuffer::Allocate(w13 / 32));
+  cuda::DeviceBuffer c2 = Value(cuda::DeviceBuffer::Allocate(w13 / 2)), s2 = Value(cuda::DeviceBuffer::Allocate(w13 / 32));
+  BENCH_CHECK(cuda::FillBytes(c1.as<uint8_t>(), w13 / 2, 1, 0, 255, stream));
+  BENCH_CHECK(cuda::FillBytes(c3.as<uint8_t>(), w13 / 2, 2, 0, 255, stream));
+  BENCH_CHECK(cuda::FillBytes(c2.as<uint8_t>(), w13 / 2, 3, 0, 255, stream));
+  BENCH_CHECK(cuda::FillBytes(s1.as<uint8_t>(), w13 / 32, 4, 118, 124, stream));  // ~ checkpoint scales
+  BENCH_CHECK(cuda::FillBytes(s3.as<uint8_t>(), w13 / 32, 5, 118, 124, stream));
+  BENCH_CHECK(cuda::FillBytes(s2.as<uint8_t>(), w13 / 32, 6, 118, 124, stream));
+  const double expert_bytes = I * d / 2.0 + I * d / 32.0;  // one expert matrix (W1, W3 or W2)
+  std::mt19937 rng(11);
+
+  struct Routing {
+    cuda::DeviceBuffer offsets, experts, rows;
+    int groups = 0;
+    int active = 0;
+  };
+  auto print_row = [&](const char* what, long long n, double active, double t_old, double t_new, double bytes,
+                       double rel) {
+    const double g_old = bytes / (t_old * 1e-3) / 1e9, g_new = bytes / (t_new * 1e-3) / 1e9;
+    std::printf("%-8s %6lld %7.1f | %8.1f %7.0f %5.0f%% | %8.1f %7.0f %5.0f%% | %6.2fx | %8.1e\n", what, n, active,
+                t_old * 1e3, g_old, 100.0 * g_old / bw, t_new * 1e3, g_new, 100.0 * g_new / bw, t_old / t_new, rel);
+  };
+  auto rel_diff = [&](const cuda::DeviceBuffer& a, const cuda::DeviceBuffer& b, int64_t n) {
+    cudaStreamSynchronize(stream);
+    std::vector<float> x = Value(cuda::Download<float>(a.get(), n)), y = Value(cuda::Download<float>(b.get(), n));
+    double md = 0, ma = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      md = std::max(md, static_cast<double>(std::fabs(x[i] - y[i])));
+      ma = std::max(ma, static_cast<double>(std::fabs(y[i])));
+    }
+    return md / std::max(ma, 1e-30);
+  };
+  std::printf("\ndecode experts: old = CUDA-core MxFp4GroupedMatMul (gate/up: w1 + w3 + SwiGlu), new = "
+              "MxFp4GroupedGateUp / MxFp4GroupedMatMulDecode\n");
+  std::printf("%-8s %6s %7s | %8s %7s %6s | %8s %7s %6s | %7s | %8s\n", "kernel", "tokens", "experts", "old us", "GB/s",
+              "%HBM", "new us", "GB/s", "%HBM", "speedup", "rel diff");
+  for (int64_t tokens : {1, 8, 64, 256}) {
+    const int64_t NK = tokens * K;
+    const int groups = static_cast<int>(std::min<int64_t>(E, NK));
+    std::vector<Routing> routes(8);
+    double active = 0;
+    for (Routing& r : routes) {
+      std::vector<std::vector<int32_t>> by_expert(E);
+      std::vector<int32_t> ids(E);
+      for (int64_t t = 0; t < tokens; ++t) {
+        for (int32_t i = 0; i < E; ++i) ids[i] = i;
+        std::shuffle(ids.begin(), ids.end(), rng);
+        for (int k = 0; k < K; ++k) by_expert[ids[k]].push_back(static_cast<int32_t>(t));
+      }
+      std::vector<int32_t> offsets = {0}, experts, rows;
+      for (int32_t e = 0; e < E; ++e) {
+        if (by_expert[e].empty()) continue;
+        experts.push_back(e);
+        rows.insert(rows.end(), by_expert[e].begin(), by_expert[e].end());
+        offsets.push_back(static_cast<int32_t>(rows.size()));
+      }
+      r.active = static_cast<int>(experts.size());
+      while (static_cast<int>(experts.size()) < groups) experts.push_back(0), offsets.push_back(static_cast<int32_t>(NK));
+      r.groups = groups;
+      r.offsets = Value(cuda::Upload(offsets));
+      r.experts = Value(cuda::Upload(experts));
+      r.rows = Value(cuda::Upload(rows));
+      active += r.active / 8.0;
+    }
+    std::vector<float> xh(tokens * d);
+    std::normal_distribution<float> n01;
+    for (auto& v : xh) v = n01(rng);
+    cuda::DeviceBuffer x = Value(cuda::Upload(xh));
+    cuda::DeviceBuffer g = Value(cuda::DeviceBuffer::Allocate(NK * I * 4)), u = Value(cuda::DeviceBuffer::Allocate(NK * I * 4));
+    cuda::DeviceBuffer h = Value(cuda::DeviceBuffer::Allocate(NK * I * 4));
+    cuda::DeviceBuffer y_old = Value(cuda::DeviceBuffer::Allocate(NK * d * 4)), y_new = Value(cuda::DeviceBuffer::Allocate(NK * d * 4));
+    const float limit = 7.0f;
+    int turn = 0;
+    const int reps = tokens >= 64 ? 20 : 100;
+    const double t_old_gu = TimeMs(stream, reps, [&] {
+      const Routing& r = routes[turn++ % 8];
+      BENCH_CHECK(cuda::MxFp4GroupedMatMul(x.as<float>(), d, c1.as<uint8_t>(), s1.as<uint8_t>(), I, r.groups,
+                                           r.offsets.as<int32_t>(), r.experts.as<int32_t>(), r.rows.as<int32_t>(),
+                                           g.as<float>(), stream));
+      BENCH_CHECK(cuda::MxFp4GroupedMatMul(x.as<float>(), d, c3.as<uint8_t>(), s3.as<uint8_t>(), I, r.groups,
+                                           r.offsets.as<int32_t>(), r.experts.as<int32_t>(), r.rows.as<int32_t>(),
+                                           u.as<float>(), stream));
+      BENCH_CHECK(cuda::SwiGlu(g.as<float>(), u.as<float>(), NK * I, limit, g.as<float>(), stream));
+    });
+    const double t_new_gu = TimeMs(stream, reps, [&] {
+      const Routing& r = routes[turn++ % 8];
+      BENCH_CHECK(cuda::MxFp4GroupedGateUp(x.as<float>(), d, c1.as<uint8_t>(), s1.as<uint8_t>(), c3.as<uint8_t>(),
+                                           s3.as<uint8_t>(), I, limit, r.groups, r.offsets.as<int32_t>(),
+                                           r.experts.as<int32_t>(), r.rows.as<int32_t>(), h.as<float>(), stream));
+    });
+    // Same routing for the comparison.
+    turn = 0;
+    {
+      const Routing& r = routes[0];
+      BENCH_CHECK(cuda::MxFp4GroupedMatMul(x.as<float>(), d, c1.as<uint8_t>(), s1.as<uint8_t>(), I, r.groups,
+                                           r.offsets.as<int32_t>(), r.experts.as<int32_t>(), r.rows.as<int32_t>(),
+                                           g.as<float>(), stream));
+      BENCH_CHECK(cuda::MxFp4GroupedMatMul(x.as<float>(), d, c3.as<uint8_t>(), s3.as<uint8_t>(), I, r.groups,
+                                           r.offsets.as<int32_t>(), r.experts.as<int32_t>(), r.rows.as<int32_t>(),
+                                           u.as<float>(), stream));
+      BENCH_CHECK(cuda::SwiGlu(g.as<float>(), u.as<float>(), NK * I, limit, g.as<float>(), stream));
+      BENCH_CHECK(cuda::MxFp4GroupedGateUp(x.as<float>(), d, c1.as<uint8_t>(), s1.as<uint8_t>(), c3.as<uint8_t>(),
+                                           s3.as<uint8_t>(), I, limit, r.groups, r.offsets.as<int32_t>(),
+                                           r.experts.as<int32_t>(), r.rows.as<int32_t>(), h.as<float>(), stream));
+    }
+    print_row("gate/up", tokens, active, t_old_gu, t_new_gu, 2 * active * expert_bytes, rel_diff(h, g, NK * I));
+    const double t_old_dn = TimeMs(stream, reps, [&] {
+      const Routing& r = routes[turn++ % 8];
+      BENCH_CHECK(cuda::MxFp4GroupedMatMul(h.as<float>(), I, c2.as<uint8_t>(), s2.as<uint8_t>(), d, r.groups,
+                                           r.offsets.as<int32_t>(), r.experts.as<int32_t>(), nullptr, y_old.as<float>(),
+                                           stream));
+    });
+    const double t_new_dn = TimeMs(stream, reps, [&] {
+      const Routing& r = routes[turn++ % 8];
+      BENCH_CHECK(cuda::MxFp4GroupedMatMulDecode(h.as<float>(), I, c2.as<uint8_t>(), s2.as<uint8_t>(), d, r.groups,
+                                                 r.offsets.as<int32_t>(), r.experts.as<int32_t>(), nullptr,
+                                                 y_new.as<float>(), stream));
+    });
+    {
+      const Routing& r = routes[0];
+      BENCH_CHECK(cuda::MxFp4GroupedMatMul(h.as<float>(), I, c2.as<uint8_t>(), s2.as<uint8_t>(), d, r.groups,
+                                           r.offsets.as<int32_t>(), r.experts.as<int32_t>(), nullptr, y_old.as<float>(),
+                                           stream));
+      BENCH_CHECK(cuda::MxFp4GroupedMatMulDecode(h.as<float>(), I, c2.as<uint8_t>(), s2.as<uint8_t>(), d, r.groups,
+                                                 r.offsets.as<int32_t>(), r.experts.as<int32_t>(), nullptr,
+                                                 y_new.as<float>(), stream));
+    }
+    print_row("down", tokens, active, t_old_dn, t_new_dn, active * expert_bytes, rel_diff(y_new, y_old, NK * d));
+  }
+  // One expert, 1..64 rows (a dense-ish decode of a hot expert): 16 experts cycle.
+  std::printf("\none expert, M rows (experts column: 1)\n");
+  std::vector<cuda::DeviceBuffer> exps;
+  for (int32_t e = 0; e < 16; ++e) exps.push_back(Value(cuda::Upload(std::vector<int32_t>{e * 16})));
+  for (int64_t M : {1, 2, 4, 8, 16, 32, 64}) {
+    cuda::DeviceBuffer off = Value(cuda::Upload(std::vector<int32_t>{0, static_cast<int32_t>(M)}));
+    std::vector<float> xh(M * d);
+    std::normal_distribution<float> n01;
+    for (auto& v : xh) v = n01(rng);
+    cuda::DeviceBuffer x = Value(cuda::Upload(xh));
+    cuda::DeviceBuffer g = Value(cuda::DeviceBuffer::Allocate(M * I * 4)), u = Value(cuda::DeviceBuffer::Allocate(M * I * 4));
+    cuda::DeviceBuffer h = Value(cuda::DeviceBuffer::Allocate(M * I * 4)), y = Value(cuda::DeviceBuffer::Allocate(M * d * 4));
+    int turn = 0;
+    const double t_old_gu = TimeMs(stream, 50, [&] {
+      const cuda::DeviceBuffer& ex = exps[turn++ % 16];
+      BENCH_CHECK(cuda::MxFp4GroupedMatMul(x.as<float>(), d, c1.as<uint8_t>(), s1.as<uint8_t>(), I, 1, off.as<int32_t>(),
+                                           ex.as<int32_t>(), nullptr, g.as<float>(), stream));
+      BENCH_CHECK(cuda::MxFp4GroupedMatMul(x.as<float>(), d, c3.as<uint8_t>(), s3.as<uint8_t>(), I, 1, off.as<int32_t>(),
+                                           ex.as<int32_t>(), nullptr, u.as<float>(), stream));
+      BENCH_CHECK(cuda::SwiGlu(g.as<float>(), u.as<float>(), M * I, 7.0f, g.as<float>(), stream));
+    });
+    const double t_new_gu = TimeMs(stream, 50, [&] {
+      const cuda::DeviceBuffer& ex = exps[turn++ % 16];
+      BENCH_CHECK(cuda::MxFp4GroupedGateUp(x.as<float>(), d, c1.as<uint8_t>(), s1.as<uint8_t>(), c3.as<uint8_t>(),
+                                           s3.as<uint8_t>(), I, 7.0f, 1, off.as<int32_t>(), ex.as<int32_t>(), nullptr,
+                                           h.as<float>(), stream));
+    });
+    print_row("gate/up", M, 1, t_old_gu, t_new_gu, 2 * expert_bytes, 0.0);
+    const double t_old_dn = TimeMs(stream, 50, [&] {
+      const cuda::DeviceBuffer& ex = exps[turn++ % 16];
+      BENCH_CHECK(cuda::MxFp4GroupedMatMul(h.as<float>(), I, c2.as<uint8_t>(), s2.as<uint8_t>(), d, 1, off.as<int32_t>(),
+                                           ex.as<int32_t>(), nullptr, y.as<float>(), stream));
+    });
+    const double t_new_dn = TimeMs(stream, 50, [&] {
+      const cuda::DeviceBuffer& ex = exps[turn++ % 16];
+      BENCH_CHECK(cuda::MxFp4GroupedMatMulDecode(h.as<float>(), I, c2.as<uint8_t>(), s2.as<uint8_t>(), d, 1,
+                                                 off.as<int32_t>(), ex.as<int32_t>(), nullptr, y.as<float>(), stream));
+    });
+    print_row("down", M, 1, t_old_dn, t_new_dn, expert_bytes, 0.0);
+  }
+  std::printf("rel diff = max |new - old| / max |old| on the same routing (rows 1..64: not compared).\n");
+}
 
 void Run(bool quick) {
   cuda::Stream stream = Value(cuda::Stream::Create());
@@ -272,6 +463,7 @@ void Run(bool quick) {
   std::printf("weights rotate over copies totalling > 256 MB, so every launch reads them from HBM (the grouped\n"
               "rows use one 2.1 GB expert stack, also beyond L2).\n");
   std::printf("bf16 = cuBLAS on weights dequantized to bf16 (2 B/weight, 3.8x the packed bytes), f32 output.\n");
+  RunDecode(stream.get(), bw);
 }
 
 }  // namespace
@@ -279,8 +471,17 @@ void Run(bool quick) {
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  const bool decode_only = argc > 1 && std::strcmp(argv[1], "--decode") == 0;
   if (retort::cuda::DeviceCount() == 0) {
     std::printf("mxfp4_gemm_bench: no CUDA device; nothing to measure\n");
+    return 0;
+  }
+  if (decode_only) {
+    retort::cuda::Stream stream = retort::bench::Value(retort::cuda::Stream::Create());
+    std::printf("device: %s\n", retort::bench::Value(retort::cuda::DeviceDescription(0)).c_str());
+    const double bw = retort::MeasureBandwidth(stream.get());
+    std::printf("HBM bandwidth (device copy): %.0f GB/s\n", bw);
+    retort::RunDecode(stream.get(), bw);
     return 0;
   }
   retort::Run(quick);

@@ -608,6 +608,369 @@ absl::Status DispatchMma(MxFp4MmaTile tile, const uint16_t* x, int64_t in, const
   return absl::InternalError("MXFP4 tensor-core GEMM: unresolved tile");
 }
 
+// ---------------------------------------------------------------------------
+// Decode path on the tensor cores with exact f32 x (1..16 rows per expert).
+// See Note [MXFP4 decode MMA].
+//
+// Note [MXFP4 decode MMA]: y = x W^T for the few rows of x a decode step
+// routes to each expert, bound by the HBM read of W. CUDA-core FMAs cannot
+// keep up with that read past ~2 rows (each 16-byte code load carries 32
+// weights; 8 rows of f32 FMAs on them plus their decode exceed the SM's issue
+// rate), so the products run on mma.sync m16n8k16 bf16 -> f32 with W as the
+// A operand (16 weight rows) and x as B (8 columns):
+//  - x is split exactly into three bf16 terms, x = hi + mid + lo (truncation
+//    keeps 8 significant bits per term, 24 in all), so every product of a
+//    decoded weight (e2m1 x 2^k) with a term is exact in fp32: the result
+//    equals cpu::MxFp4MatMul up to fp32 summation order. B column n holds
+//    term n % 3 of pass row n / 3; a pass of T <= 8 rows uses ceil(3T / 8)
+//    n-tiles (1 for T <= 2), and the three column sums add in the fixed order
+//    (hi + mid) + lo.
+//  - Lane (g, c) of a warp owns, per 512-k chunk, MX blocks 4c..4c+3 of its
+//    two A rows: four 16-byte code loads (64 contiguous bytes) and one 32-bit
+//    word of E8M0 scales per row. In round r the lane's block 4c + r feeds 8
+//    k16 steps; the k order inside the mma is free, so step s takes code word
+//    s / 2, nibbles (m, m + 4) for m = 2 (s % 2) + {0, 1} (E2M1Pair04/15, one
+//    multiply each), times 2^(E-1) (the Note [MXFP4 MMA layout] decode).
+//  - x is staged per chunk by the whole CTA (every warp reads the same x),
+//    already split and laid out in fragment order: column n, lane quad c,
+//    round r, step s is one 8-byte B fragment at 8-byte slot (8r + s) ^ (c +
+//    4 (n & 3)) of a 256-byte run — conflict-free for the half-warps of an
+//    LDS.64. Two buffers alternate; x (f32) for chunk ch+1 is copied by
+//    cp.async into a raw area before chunk ch's MMAs and split into its
+//    buffer after them, so its latency is hidden and costs no registers.
+//  - The codes of chunk ch+1 are loaded round by round as chunk ch consumes
+//    them (8 x 16 B in flight per lane), with L1::no_allocate (read once).
+// A warp owns 16 A rows: 8 output columns of W1 (rows 0..7) and the same 8 of
+// W3 (rows 8..15) for the gate/up kernel, so SwiGLU is applied in the
+// epilogue; or 16 rows of one W for the plain product. The CTA (4 warps)
+// owns 32 (gate/up) or 64 output columns of one group; groups of more than 8
+// rows run in passes of 8 (W is read once per pass). No atomics: each output
+// is written once, and its value depends only on its x row and W (not on the
+// other rows or groups), so results are bitwise reproducible.
+enum class DecodeMode { kGateUp, kMatMul };
+
+constexpr int kDecWarps = 4;
+constexpr int kDecThreads = kDecWarps * 32;
+constexpr int kDecPassRows = 8;
+constexpr int kDecTerms = 3;                     // bf16 terms per f32 x value
+constexpr int kDecChunkBlocks = 16;              // MX blocks (of 32 k) per chunk
+constexpr int kDecColBytes = 4 * 4 * 8 * 8;      // one B column of a chunk: quads x rounds x steps x 8 B
+constexpr int kDecBufBytes = kDecPassRows * kDecTerms * kDecColBytes;
+constexpr int kDecOutStride = kDecPassRows * kDecTerms + 1;  // floats per row of the epilogue scratch
+constexpr int kDecRawBytes = kDecPassRows * 64 * 32;  // f32 x of the next chunk, one 32-byte slot per item
+constexpr int kDecEpiBytes = kDecWarps * 16 * kDecOutStride * 4;
+constexpr int kDecSmemBytes = 2 * kDecBufBytes + kDecRawBytes + kDecEpiBytes;
+// x staging items (8 floats each) per thread for a pass of up to
+// kDecPassRows rows with kNt n-tiles: 64 items per row.
+template <int kNt>
+constexpr int kDecXItems = ((8 * kNt / kDecTerms) * 64 + kDecThreads - 1) / kDecThreads;
+
+__device__ __forceinline__ uint4 LdgStream(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+// Nibbles 0 and 4 (resp. 1 and 5) of w as bf16x2 bits times 2^-126, equal to
+// E2M1PairBits<0> (<1>): the multiply puts the nibble at bits 6..9 and a copy
+// at 12..15 of each half (no carries: the masked nibbles are 16 bits apart),
+// the mask keeps the magnitude at 6..8 and the sign at 15.
+__device__ __forceinline__ uint32_t E2M1Pair04(uint32_t w) { return ((w & 0x000F000Fu) * 0x1040u) & 0x81C081C0u; }
+__device__ __forceinline__ uint32_t E2M1Pair15(uint32_t w) { return ((w & 0x00F000F0u) * 0x104u) & 0x81C081C0u; }
+
+// Per-thread state of the decode kernel for one group.
+struct DecodeLane {
+  const float* x;
+  const int32_t* row_index;
+  int64_t in;
+  int blocks, chunks;
+  const uint8_t* code[2];   // the lane's A rows g and g + 8: codes
+  const uint8_t* scale[2];  //   and E8M0 scales
+  bool scale_words;         // scale rows are 4-byte aligned: one 32-bit load per chunk
+  uint8_t* smem;
+  int tid, g, c;
+};
+
+__device__ __forceinline__ uint4 CodeBlock(const DecodeLane& L, int row, int kb) {
+  return kb < L.blocks ? LdgStream(L.code[row] + static_cast<int64_t>(kb) * 16) : make_uint4(0, 0, 0, 0);
+}
+// Scale bytes of blocks kb..kb+3 (127 past the end: their codes are zero).
+__device__ __forceinline__ uint32_t ScaleWord(const DecodeLane& L, int row, int kb) {
+  if (L.scale_words) return kb < L.blocks ? __ldg(reinterpret_cast<const uint32_t*>(L.scale[row] + kb)) : 0x7f7f7f7fu;
+  uint32_t v = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v |= (kb + i < L.blocks ? static_cast<uint32_t>(__ldg(L.scale[row] + kb + i)) : 0x7fu) << (8 * i);
+  return v;
+}
+
+// x staging item it (< 64 T): pass row t, lane quad c, round r, code word q:
+// the 8 x values k = 32 (16 ch + 4c + r) + 8q .. +7 (zero past in), copied
+// by cp.async into the item's 32-byte slot of the raw area (thread-private:
+// the thread that copies an item also splits it, after cp.async.wait).
+template <int kItems>
+__device__ __forceinline__ void LoadXItems(const DecodeLane& L, int64_t p0, int T, int ch) {
+  uint8_t* raw = L.smem + 2 * kDecBufBytes;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int it = L.tid + i * kDecThreads;
+    if (it < 64 * T) {
+      const int t = it >> 6, rest = it & 63;
+      const int kb = ch * kDecChunkBlocks + (rest >> 2);  // (rest >> 4) * 4 + ((rest >> 2) & 3)
+      const bool ok = kb < L.blocks;
+      const float* p = L.x;
+      if (ok) {
+        const int64_t row = L.row_index ? static_cast<int64_t>(__ldg(L.row_index + p0 + t)) : p0 + t;
+        p = L.x + row * L.in + static_cast<int64_t>(kb) * 32 + 8 * (rest & 3);
+      }
+      CpAsync16(SmemAddr(raw + it * 32), p, ok);
+      CpAsync16(SmemAddr(raw + it * 32 + 16), p + 4, ok);
+    }
+  }
+  CpAsyncCommit();
+}
+
+// f32 pair (a, b) -> its three bf16x2 terms (exact: a = hi.x + mid.x + lo.x).
+__device__ __forceinline__ void SplitPair(float a, float b, uint32_t (&term)[kDecTerms]) {
+  uint32_t ua = __float_as_uint(a), ub = __float_as_uint(b);
+#pragma unroll
+  for (int p = 0; p < kDecTerms; ++p) {
+    term[p] = __byte_perm(ua, ub, 0x7632);
+    if (p + 1 < kDecTerms) {
+      ua = __float_as_uint(__uint_as_float(ua) - __uint_as_float(ua & 0xffff0000u));
+      ub = __float_as_uint(__uint_as_float(ub) - __uint_as_float(ub & 0xffff0000u));
+    }
+  }
+}
+
+// Splits the thread's staged items (LoadXItems, after its cp.async landed)
+// into the B-fragment layout of buffer buf.
+template <int kItems>
+__device__ __forceinline__ void StoreXItems(const DecodeLane& L, int T, uint8_t* buf) {
+  const uint8_t* raw = L.smem + 2 * kDecBufBytes;
+  CpAsyncWait<0>();
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int it = L.tid + i * kDecThreads;
+    if (it >= 64 * T) continue;
+    const int t = it >> 6, rest = it & 63, c = rest >> 4, r = (rest >> 2) & 3, q = rest & 3;
+    const float4 lo4 = *reinterpret_cast<const float4*>(raw + it * 32);
+    const float4 hi4 = *reinterpret_cast<const float4*>(raw + it * 32 + 16);
+    const float v[8] = {lo4.x, lo4.y, lo4.z, lo4.w, hi4.x, hi4.y, hi4.z, hi4.w};
+    uint32_t pr[4][kDecTerms];  // pair m = (x[8q+m], x[8q+m+4])
+#pragma unroll
+    for (int m = 0; m < 4; ++m) SplitPair(v[m], v[m + 4], pr[m]);
+#pragma unroll
+    for (int p = 0; p < kDecTerms; ++p) {
+      const int n = t * kDecTerms + p, f = c + 4 * (n & 3);
+      uint8_t* col = buf + (n * 4 + c) * 256;
+      *reinterpret_cast<uint2*>(col + 8 * ((8 * r + 2 * q) ^ f)) = make_uint2(pr[0][p], pr[1][p]);
+      *reinterpret_cast<uint2*>(col + 8 * ((8 * r + 2 * q + 1) ^ f)) = make_uint2(pr[2][p], pr[3][p]);
+    }
+  }
+}
+
+// Round r of a chunk: the lane's block 4c + r of both A rows (codes qa, qb,
+// scale bytes ea, eb) times the staged x columns, 8 k16 steps.
+template <int kNt, bool kWide>
+__device__ __forceinline__ void DecodeRound(const DecodeLane& L, const uint8_t* cbuf, int ncols, int r, uint4 qa,
+                                            uint4 qb, uint32_t ea, uint32_t eb, float (&acc)[kNt][4]) {
+  uint32_t ma1, mb1, ma2 = 0, mb2 = 0;
+  if constexpr (!kWide) {
+    ma1 = (ea + 126u) * 0x00800080u;  // bf16x2 2^(e-1), e <= 128
+    mb1 = (eb + 126u) * 0x00800080u;
+  } else {
+    ma1 = ((ea < 128u ? ea : 128u) + 126u) * 0x00800080u;
+    mb1 = ((eb < 128u ? eb : 128u) + 126u) * 0x00800080u;
+    ma2 = ea <= 128u ? 0x3F803F80u : ea == 255u ? 0x7FC07FC0u : (ea - 1u) * 0x00800080u;
+    mb2 = eb <= 128u ? 0x3F803F80u : eb == 255u ? 0x7FC07FC0u : (eb - 1u) * 0x00800080u;
+  }
+  const int f = L.c + 4 * (L.g & 3);
+#pragma unroll
+  for (int s = 0; s < 8; ++s) {
+    const int word = s >> 1;
+    uint32_t wa = word == 0 ? qa.x : word == 1 ? qa.y : word == 2 ? qa.z : qa.w;
+    uint32_t wb = word == 0 ? qb.x : word == 1 ? qb.y : word == 2 ? qb.z : qb.w;
+    if (s & 1) wa >>= 8, wb >>= 8;  // nibbles 2, 3, 6, 7
+    uint32_t a0 = MulBf16x2(E2M1Pair04(wa), ma1), a2 = MulBf16x2(E2M1Pair04(wb), mb1);
+    uint32_t a4 = MulBf16x2(E2M1Pair15(wa), ma1), a6 = MulBf16x2(E2M1Pair15(wb), mb1);
+    if constexpr (kWide) {
+      a0 = MulBf16x2(a0, ma2), a2 = MulBf16x2(a2, mb2);
+      a4 = MulBf16x2(a4, ma2), a6 = MulBf16x2(a6, mb2);
+    }
+    const int slot = 8 * ((8 * r + s) ^ f);
+#pragma unroll
+    for (int j = 0; j < kNt; ++j) {
+      const int n = 8 * j + L.g;
+      uint2 b = make_uint2(0, 0);
+      if (n < ncols) b = *reinterpret_cast<const uint2*>(cbuf + (n * 4 + L.c) * 256 + slot);
+      MmaBf16(acc[j], a0, a2, a4, a6, b.x, b.y);
+    }
+  }
+}
+
+// One chunk: four rounds; round r's codes of the next chunk are requested as
+// soon as this chunk's are in use.
+template <int kNt, bool kWide>
+__device__ __forceinline__ void DecodeChunk(const DecodeLane& L, const uint8_t* cbuf, int ncols, int next_kb,
+                                            bool more, uint4 (&ra)[4], uint4 (&rb)[4], uint32_t ea, uint32_t eb,
+                                            float (&acc)[kNt][4]) {
+  // Not unrolled (register pressure): the ring rotates, ra[0] is this round's.
+#pragma unroll 1
+  for (int r = 0; r < 4; ++r) {
+    const uint4 qa = ra[0], qb = rb[0];
+    ra[0] = ra[1], ra[1] = ra[2], ra[2] = ra[3];
+    rb[0] = rb[1], rb[1] = rb[2], rb[2] = rb[3];
+    if (more) {
+      ra[3] = CodeBlock(L, 0, next_kb + r);
+      rb[3] = CodeBlock(L, 1, next_kb + r);
+    }
+    DecodeRound<kNt, kWide>(L, cbuf, ncols, r, qa, qb, (ea >> (8 * r)) & 0xffu, (eb >> (8 * r)) & 0xffu, acc);
+  }
+}
+
+// One pass over W for pass rows p0 .. p0 + T - 1 (T <= 8, kNt = ceil(3T / 8)),
+// then the epilogue: y (or SwiGLU into h) for the warp's 8 / 16 columns from
+// col0. CTA-uniform (all threads take the same passes).
+template <DecodeMode kMode, int kNt>
+__device__ __forceinline__ void DecodePass(const DecodeLane& lane_state, int64_t p0, int T, float* epi, int lane, int64_t col0,
+                                           int64_t out, float limit, float* y) {
+  const DecodeLane L = lane_state;  // in registers (the reference is to local memory)
+  const int ncols = T * kDecTerms;
+  float acc[kNt][4];
+#pragma unroll
+  for (int j = 0; j < kNt; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  const int kb0 = 4 * L.c;
+  __syncthreads();  // the previous pass is done with both x buffers
+  uint4 ra[4], rb[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) ra[r] = CodeBlock(L, 0, kb0 + r), rb[r] = CodeBlock(L, 1, kb0 + r);
+  uint32_t ea = ScaleWord(L, 0, kb0), eb = ScaleWord(L, 1, kb0);
+  LoadXItems<kDecXItems<kNt>>(L, p0, T, 0);
+  StoreXItems<kDecXItems<kNt>>(L, T, L.smem);
+  for (int ch = 0; ch < L.chunks; ++ch) {
+    __syncthreads();  // chunk ch's x is staged; the other buffer is free
+    const bool more = ch + 1 < L.chunks;
+    const int next_kb = (ch + 1) * kDecChunkBlocks + kb0;
+    if (more) LoadXItems<kDecXItems<kNt>>(L, p0, T, ch + 1);
+    const uint32_t ea_next = more ? ScaleWord(L, 0, next_kb) : 0u, eb_next = more ? ScaleWord(L, 1, next_kb) : 0u;
+    const uint8_t* cbuf = L.smem + (ch & 1) * kDecBufBytes;
+    if (__any_sync(0xffffffffu, (WideScaleBytes(ea) | WideScaleBytes(eb)) != 0))
+      DecodeChunk<kNt, true>(L, cbuf, ncols, next_kb, more, ra, rb, ea, eb, acc);
+    else
+      DecodeChunk<kNt, false>(L, cbuf, ncols, next_kb, more, ra, rb, ea, eb, acc);
+    if (more) StoreXItems<kDecXItems<kNt>>(L, T, L.smem + ((ch + 1) & 1) * kDecBufBytes);
+    ea = ea_next, eb = eb_next;
+  }
+  // Epilogue: D rows (A rows) x columns to the warp's scratch, then one lane
+  // per output sums the three terms in order.
+#pragma unroll
+  for (int j = 0; j < kNt; ++j) {
+    float* e0 = epi + L.g * kDecOutStride + 8 * j + 2 * L.c;
+    float* e1 = e0 + 8 * kDecOutStride;
+    e0[0] = acc[j][0], e0[1] = acc[j][1], e1[0] = acc[j][2], e1[1] = acc[j][3];
+  }
+  __syncwarp();
+  auto column_sum = [&](int row, int t) {
+    const float* e = epi + row * kDecOutStride + kDecTerms * t;
+    return (e[0] + e[1]) + e[2];
+  };
+  if constexpr (kMode == DecodeMode::kGateUp) {
+    for (int idx = lane; idx < 8 * T; idx += 32) {
+      const int col = idx & 7, t = idx >> 3;
+      float gate = column_sum(col, t), up = column_sum(col + 8, t);
+      if (limit > 0.0f) {
+        gate = fminf(gate, limit);
+        up = fminf(fmaxf(up, -limit), limit);
+      }
+      if (col0 + col < out) y[(p0 + t) * out + col0 + col] = gate / (1.0f + expf(-gate)) * up;
+    }
+  } else {
+    for (int idx = lane; idx < 16 * T; idx += 32) {
+      const int row = idx & 15, t = idx >> 4;
+      if (col0 + row < out) y[(p0 + t) * out + col0 + row] = column_sum(row, t);
+    }
+  }
+  __syncwarp();  // the scratch is read before the next pass writes it
+}
+
+// grid (ceil(out / columns per CTA), groups), kDecThreads threads,
+// kDecSmemBytes of dynamic shared memory. codes_b / scales_b: W3 (gate/up).
+template <DecodeMode kMode>
+__global__ void __launch_bounds__(kDecThreads, 3) MxFp4DecodeMmaKernel(
+    const float* __restrict__ x, int64_t in, const uint8_t* __restrict__ codes_a, const uint8_t* __restrict__ scales_a,
+    const uint8_t* __restrict__ codes_b, const uint8_t* __restrict__ scales_b, int64_t out, float limit,
+    const int32_t* __restrict__ group_offsets, const int32_t* __restrict__ group_expert,
+    const int32_t* __restrict__ row_index, bool scale_words, float* __restrict__ y) {
+  extern __shared__ __align__(16) uint8_t dec_smem[];
+  const int gi = blockIdx.y;
+  const int64_t m0 = group_offsets[gi], m1 = group_offsets[gi + 1];
+  if (m1 <= m0) return;
+  const int64_t e = group_expert[gi];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  DecodeLane L;
+  L.x = x;
+  L.row_index = row_index;
+  L.in = in;
+  L.blocks = static_cast<int>(in / 32);
+  L.chunks = (L.blocks + kDecChunkBlocks - 1) / kDecChunkBlocks;
+  L.scale_words = scale_words;
+  L.smem = dec_smem;
+  L.tid = threadIdx.x;
+  L.g = lane >> 2;
+  L.c = lane & 3;
+  constexpr int kCols = kMode == DecodeMode::kGateUp ? 8 : 16;  // output columns per warp
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kDecWarps * kCols + warp * kCols;
+  const int64_t row_a = col0 + L.g, row_b = kMode == DecodeMode::kGateUp ? col0 + L.g : col0 + 8 + L.g;
+  const uint8_t* cb = kMode == DecodeMode::kGateUp ? codes_b : codes_a;
+  const uint8_t* sb = kMode == DecodeMode::kGateUp ? scales_b : scales_a;
+  // Rows past `out` are clamped to the last one (read, never stored).
+  const int64_t ra = (e * out + (row_a < out ? row_a : out - 1)), rb = (e * out + (row_b < out ? row_b : out - 1));
+  L.code[0] = codes_a + ra * (in / 2);
+  L.code[1] = cb + rb * (in / 2);
+  L.scale[0] = scales_a + ra * L.blocks;
+  L.scale[1] = sb + rb * L.blocks;
+  float* epi = reinterpret_cast<float*>(dec_smem + 2 * kDecBufBytes + kDecRawBytes) + warp * 16 * kDecOutStride;
+  for (int64_t p0 = m0; p0 < m1; p0 += kDecPassRows) {
+    const int T = static_cast<int>(m1 - p0 < kDecPassRows ? m1 - p0 : kDecPassRows);
+    if (T <= 2)
+      DecodePass<kMode, 1>(L, p0, T, epi, lane, col0, out, limit, y);
+    else if (T <= 5)
+      DecodePass<kMode, 2>(L, p0, T, epi, lane, col0, out, limit, y);
+    else
+      DecodePass<kMode, 3>(L, p0, T, epi, lane, col0, out, limit, y);
+  }
+}
+
+absl::Status LaunchDecodeMma(DecodeMode mode, const float* x, int64_t in, const uint8_t* codes_a,
+                             const uint8_t* scales_a, const uint8_t* codes_b, const uint8_t* scales_b, int64_t out,
+                             float limit, int groups, const int32_t* group_offsets, const int32_t* group_expert,
+                             const int32_t* row_index, float* y, cudaStream_t stream) {
+  const char* what = mode == DecodeMode::kGateUp ? "MxFp4GroupedGateUp" : "MxFp4GroupedMatMulDecode";
+  if (in <= 0 || in % 32 != 0)
+    return absl::InvalidArgumentError(absl::StrCat(what, ": in = ", in, " must be a positive multiple of 32"));
+  if (in / 32 > (int64_t{1} << 30)) return absl::InvalidArgumentError(absl::StrCat(what, ": in = ", in, " is too large"));
+  if (out < 0) return absl::InvalidArgumentError(absl::StrCat(what, ": out = ", out));
+  if (groups < 0 || groups > 65535) return absl::InvalidArgumentError(absl::StrCat(what, ": groups = ", groups));
+  if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(codes_a) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(codes_b) % 16 != 0)
+    return absl::InvalidArgumentError(absl::StrCat(what, ": x and codes must be 16-byte aligned"));
+  if (groups == 0 || out == 0) return absl::OkStatus();
+  if (group_offsets == nullptr || group_expert == nullptr)
+    return absl::InvalidArgumentError(absl::StrCat(what, ": group_offsets and group_expert are required"));
+  const bool scale_words = (in / 32) % 4 == 0 && reinterpret_cast<uintptr_t>(scales_a) % 4 == 0 &&
+                           reinterpret_cast<uintptr_t>(scales_b) % 4 == 0;
+  const int64_t cols_per_cta = kDecWarps * (mode == DecodeMode::kGateUp ? 8 : 16);
+  const dim3 grid(static_cast<unsigned>((out + cols_per_cta - 1) / cols_per_cta), static_cast<unsigned>(groups));
+  auto kernel = mode == DecodeMode::kGateUp ? MxFp4DecodeMmaKernel<DecodeMode::kGateUp>
+                                            : MxFp4DecodeMmaKernel<DecodeMode::kMatMul>;
+  RETORT_CUDA_RETURN(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kDecSmemBytes));
+  kernel<<<grid, kDecThreads, kDecSmemBytes, stream>>>(x, in, codes_a, scales_a, codes_b, scales_b, out, limit,
+                                                        group_offsets, group_expert, row_index, scale_words, y);
+  RETORT_CUDA_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
 absl::Status CheckShapes(int64_t in, const float* x, const uint8_t* codes) {
   if (in % 32 != 0) return absl::InvalidArgumentError(absl::StrCat("MXFP4: in = ", in, " is not a multiple of 32"));
   if (reinterpret_cast<uintptr_t>(codes) % 16 != 0)
@@ -639,6 +1002,22 @@ absl::Status MxFp4GroupedMatMul(const float* x, int64_t in, const uint8_t* codes
                                                        row_index, 0, y);
   RETORT_CUDA_LAUNCH_CHECK();
   return absl::OkStatus();
+}
+
+absl::Status MxFp4GroupedGateUp(const float* x, int64_t in, const uint8_t* w1_codes, const uint8_t* w1_scales,
+                                const uint8_t* w3_codes, const uint8_t* w3_scales, int64_t inter, float limit,
+                                int groups, const int32_t* group_offsets, const int32_t* group_expert,
+                                const int32_t* row_index, float* h, cudaStream_t stream) {
+  return LaunchDecodeMma(DecodeMode::kGateUp, x, in, w1_codes, w1_scales, w3_codes, w3_scales, inter, limit, groups,
+                         group_offsets, group_expert, row_index, h, stream);
+}
+
+absl::Status MxFp4GroupedMatMulDecode(const float* x, int64_t in, const uint8_t* codes, const uint8_t* scales,
+                                      int64_t out, int groups, const int32_t* group_offsets,
+                                      const int32_t* group_expert, const int32_t* row_index, float* y,
+                                      cudaStream_t stream) {
+  return LaunchDecodeMma(DecodeMode::kMatMul, x, in, codes, scales, codes, scales, out, 0.0f, groups, group_offsets,
+                         group_expert, row_index, y, stream);
 }
 
 absl::Status MxFp4MatMulTensorCore(const uint16_t* x_bf16, int64_t T, int64_t in, const uint8_t* codes,

@@ -36,6 +36,29 @@
 //   128 x 256 (register decode, ~232 TFLOP/s at M = 8192) and 64 x 128 are
 //   kept for tests and benchmarks only.
 // bench/mxfp4_gemm measures both against cuBLAS bf16 on dequantized weights.
+//
+// Decode kernels (f32 x, exact products; MxFp4GroupedGateUp and
+// MxFp4GroupedMatMulDecode below), measured on an H200 (HBM copy 4267 GB/s)
+// with bench/mxfp4_gemm --decode at the V4-Flash expert shapes, 256 experts,
+// 6 routed per token, bytes = codes + scales of the experts touched:
+//   tokens  rows/expert  gate/up old -> new (%HBM)   down old -> new (%HBM)
+//     1        1          66.8 -> 30.4 us (19 -> 41%)  35.8 -> 17.3 us (18 -> 36%)
+//     8       ~1.1       430 -> 223 us  (22 -> 42%)   242 -> 117 us  (19 -> 40%)
+//    64       ~1.9       2197 -> 1000 us (19 -> 42%)  1225 -> 535 us (17 -> 39%)
+//   256       ~6.0       5029 -> 1837 us (11 -> 29%)  2648 -> 960 us (10 -> 28%)
+// ("old" gate/up = 2 x MxFp4GroupedMatMul + SwiGlu.) Rule, rows = rows per
+// expert group, f32 numerics:
+//   grouped over an expert stack, rows < kMxFp4TensorCoreMinRows: the decode
+//     kernels (2.0-2.8x the CUDA-core MxFp4GroupedMatMul at every row count
+//     measured, 1..~6 rows per expert);
+//   one expert matrix alone (a grid of only out / 32 or out / 64 CTAs, below
+//     the 132 SMs): MxFp4GroupedGateUp still wins (1.3-1.65x at 1..64 rows),
+//     but for the down shape MxFp4MatMul / MxFp4GroupedMatMul is faster
+//     (the decode kernel is 0.77-0.92x there; it needs >= 3 groups to fill
+//     the GPU).
+// With bf16 activations the tensor-core kernels above remain the choice from
+// 16 rows per expert (and Moe()'s 4-row grouped rule); the decode kernels were
+// not measured against them at 4..16 rows.
 #ifndef RETORT_MODEL_KERNELS_CUDA_MXFP4_CUH_
 #define RETORT_MODEL_KERNELS_CUDA_MXFP4_CUH_
 
@@ -62,6 +85,39 @@ namespace retort::cuda {
                                               const uint8_t* scales, int64_t out, int groups,
                                               const int32_t* group_offsets, const int32_t* group_expert,
                                               const int32_t* row_index, float* y, cudaStream_t stream);
+
+// Decode-shaped grouped products (1..16 rows per expert) on the tensor cores
+// with exact f32 x: x is split into three bf16 terms (hi + mid + lo == x), so
+// every product is exact and the result equals cpu::MxFp4MatMul up to fp32
+// summation order, like MxFp4GroupedMatMul (Note [MXFP4 decode MMA] in
+// mxfp4.cu). Same group interface as MxFp4GroupedMatMul: group g multiplies
+// permuted rows m in [group_offsets[g], group_offsets[g+1]), reading x row
+// row_index[m] (row_index == nullptr: row m), by expert group_expert[g], and
+// writes output row m. Groups with no rows cost one CTA exit. Each expert's
+// W is read once per pass of 8 rows; any row count is correct.
+// in % 32 == 0 (else InvalidArgument); any out >= 0. x and codes 16-byte
+// aligned. group_offsets / group_expert: device i32, required when groups > 0.
+// Deterministic and batch-invariant: output row m depends only on x row
+// row_index[m] and the expert's W, bit for bit (not on the other rows, groups
+// or the launch), and no atomics are used.
+
+// h [M, inter] = SwiGLU(x W1^T, x W3^T) with the V4 clamps, as cuda::SwiGlu /
+// ModelRunner::MoeBlock: h = silu(min(g, limit)) * clamp(u, -limit, limit)
+// (limit <= 0: no clamp). W1 and W3: codes [E, inter, in/2], scales
+// [E, inter, in/32]. One launch; W1 and W3 rows are read once per pass for
+// all of a group's rows, and g, u never reach global memory.
+[[nodiscard]] absl::Status MxFp4GroupedGateUp(const float* x, int64_t in, const uint8_t* w1_codes,
+                                              const uint8_t* w1_scales, const uint8_t* w3_codes,
+                                              const uint8_t* w3_scales, int64_t inter, float limit, int groups,
+                                              const int32_t* group_offsets, const int32_t* group_expert,
+                                              const int32_t* row_index, float* h, cudaStream_t stream);
+
+// y [M, out] = x W^T per group (the down projection: x = h, row_index =
+// nullptr); W: codes [E, out, in/2], scales [E, out, in/32].
+[[nodiscard]] absl::Status MxFp4GroupedMatMulDecode(const float* x, int64_t in, const uint8_t* codes,
+                                                    const uint8_t* scales, int64_t out, int groups,
+                                                    const int32_t* group_offsets, const int32_t* group_expert,
+                                                    const int32_t* row_index, float* y, cudaStream_t stream);
 
 // Rows per expert group from which the tensor-core kernels win (measured with
 // bench/mxfp4_gemm on an H200: see the dispatch rule above).
