@@ -19,7 +19,13 @@ log=${OUT:-/tmp}/device.log
   # GPU benchmarks (the CPU ones are measured on the CI-class machine).
   for b in $bin/bin/*_bench; do
     case "$(basename "$b")" in cpu_*|sandbox_*|tokenizer_*) continue ;; esac
-    echo "== $b"; "$b" ${BENCH_ARGS:-} || status=1
+    echo "== $b"; "$b" ${BENCH_ARGS:-} | tee "${OUT:-/tmp}/$(basename "$b").log" || status=1
   done
+  # The PyTorch baseline of bench/decode on the same GPU, joined to decode_bench's lines.
+  if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+    echo "== bench/decode/torch_v4.py"
+    python3 bench/decode/torch_v4.py bench --layers 4 --cuda-graph > "${OUT:-/tmp}/torch_v4.jsonl" || status=1
+    python3 bench/decode/compare.py "${OUT:-/tmp}/decode_bench.log" "${OUT:-/tmp}/torch_v4.jsonl" || status=1
+  fi
   exit $status
 } 2>&1 | tee "$log"

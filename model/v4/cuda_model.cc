@@ -740,13 +740,13 @@ struct CudaModel::Impl {
       RETURN_IF_ERROR(cuda::MxFp4GroupedMatMulTensorCore(hb, I, X.w2.as<uint8_t>(), X.s2.as<uint8_t>(), d, groups, NK,
                                                          goff, gexp, nullptr, y, st()));
     } else if (X.mxfp4) {
-      RETURN_IF_ERROR(cuda::MxFp4GroupedMatMul(x, d, X.w1.as<uint8_t>(), X.s1.as<uint8_t>(), I, groups, goff, gexp,
-                                               row_index, g, st()));
-      RETURN_IF_ERROR(cuda::MxFp4GroupedMatMul(x, d, X.w3.as<uint8_t>(), X.s3.as<uint8_t>(), I, groups, goff, gexp,
-                                               row_index, u, st()));
-      RETURN_IF_ERROR(cuda::SwiGlu(g, u, NK * I, limit, g, st()));
-      RETURN_IF_ERROR(cuda::MxFp4GroupedMatMul(g, I, X.w2.as<uint8_t>(), X.s2.as<uint8_t>(), d, groups, goff, gexp,
-                                               nullptr, y, st()));
+      // Few rows per expert: gate, up and SwiGLU in one launch, then the down
+      // projection (the decode kernels of mxfp4.cuh; f32-accurate).
+      RETURN_IF_ERROR(cuda::MxFp4GroupedGateUp(x, d, X.w1.as<uint8_t>(), X.s1.as<uint8_t>(), X.w3.as<uint8_t>(),
+                                               X.s3.as<uint8_t>(), I, limit, groups, goff, gexp, row_index, g,
+                                               st()));
+      RETURN_IF_ERROR(cuda::MxFp4GroupedMatMulDecode(g, I, X.w2.as<uint8_t>(), X.s2.as<uint8_t>(), d, groups, goff,
+                                                     gexp, nullptr, y, st()));
     } else {
       // Dense (HF-layout) experts: the group table comes to the host, one
       // cuBLAS GEMM per active expert on gathered rows.
