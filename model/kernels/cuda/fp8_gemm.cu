@@ -429,8 +429,8 @@ absl::Status LaunchFewRowR(const void* x, int64_t T, int64_t ldx, const uint8_t*
   return absl::OkStatus();
 }
 
-// rows_per_warp: 2 or 4, or 0 for the rule: 4 when the groups allow it and
-// the grid still has >= 2 blocks per SM (132 SMs), else 2.
+// rows_per_warp: 2 or 4, or 0 for the rule: 2 (bench/fp8_gemm on an H200:
+// 4 rows a warp was 5-17% slower at every decode shape and T = 1, 4, 8).
 template <bool kFp8W, bool kF32X>
 absl::Status LaunchFewRow(const void* x, int64_t T, int64_t ldx, const uint8_t* w, const float* w_scales, int64_t out,
                           int64_t K, int64_t out_per_group, float* y, int rows_per_warp, cudaStream_t stream) {
@@ -439,7 +439,7 @@ absl::Status LaunchFewRow(const void* x, int64_t T, int64_t ldx, const uint8_t* 
   while (wpr < 8 && chunks >= 64 * 2 * wpr) wpr *= 2;  // >= 2 chunks a lane
   const bool four_ok = out_per_group == out || out_per_group % 4 == 0;
   int R = rows_per_warp;
-  if (R == 0) R = four_ok && (out + 4 * (8 / wpr) - 1) / (4 * (8 / wpr)) >= 264 ? 4 : 2;
+  if (R == 0) R = 2;
   if (R != 2 && R != 4) return absl::InvalidArgumentError(absl::StrCat("few-row GEMM: rows_per_warp ", R));
   if (R == 4 && !four_ok) return absl::InvalidArgumentError("few-row GEMM: 4 rows a warp would straddle groups");
   if (R == 4) return LaunchFewRowR<4, kFp8W, kF32X>(x, T, ldx, w, w_scales, out, K, out_per_group, wpr, y, stream);
