@@ -46,16 +46,6 @@ namespace {
 using bench::TimeMs;
 using bench::Value;
 
-// HBM bandwidth from a 1 GiB device-to-device copy (reads + writes), GB/s.
-double MeasureBandwidth(cudaStream_t stream) {
-  const size_t bytes = size_t{1} << 30;
-  cuda::DeviceBuffer src = Value(cuda::DeviceBuffer::Allocate(bytes));
-  cuda::DeviceBuffer dst = Value(cuda::DeviceBuffer::Allocate(bytes));
-  cudaMemsetAsync(src.get(), 1, bytes, stream);
-  const double ms = TimeMs(stream, 4, [&] { cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, stream); });
-  return 2.0 * bytes / (ms * 1e-3) / 1e9;
-}
-
 struct Weights {
   int64_t out, in;
   std::vector<uint8_t> codes, scales;
@@ -167,8 +157,8 @@ void RunDecode(cudaStream_t stream, double bw) {
     const float limit = 7.0f;
     int turn = 0;
     const int reps = tokens >= 64 ? 20 : 100;
-    const double t_old_gu = TimeMs(stream, reps, [&] {
-      const Routing& r = routes[turn++ % 8];
+    // Each path once, for the timed loops (routings rotate) and the comparison (routing 0).
+    auto old_gate_up = [&](const Routing& r) {
       BENCH_CHECK(cuda::MxFp4GroupedMatMul(x.as<float>(), d, c1.as<uint8_t>(), s1.as<uint8_t>(), I, r.groups,
                                            r.offsets.as<int32_t>(), r.experts.as<int32_t>(), r.rows.as<int32_t>(),
                                            g.as<float>(), stream));
@@ -176,50 +166,32 @@ void RunDecode(cudaStream_t stream, double bw) {
                                            r.offsets.as<int32_t>(), r.experts.as<int32_t>(), r.rows.as<int32_t>(),
                                            u.as<float>(), stream));
       BENCH_CHECK(cuda::SwiGlu(g.as<float>(), u.as<float>(), NK * I, limit, g.as<float>(), stream));
-    });
-    const double t_new_gu = TimeMs(stream, reps, [&] {
-      const Routing& r = routes[turn++ % 8];
+    };
+    auto new_gate_up = [&](const Routing& r) {
       BENCH_CHECK(cuda::MxFp4GroupedGateUp(x.as<float>(), d, c1.as<uint8_t>(), s1.as<uint8_t>(), c3.as<uint8_t>(),
                                            s3.as<uint8_t>(), I, limit, r.groups, r.offsets.as<int32_t>(),
                                            r.experts.as<int32_t>(), r.rows.as<int32_t>(), h.as<float>(), stream));
-    });
-    // Same routing for the comparison.
+    };
+    auto old_down = [&](const Routing& r) {
+      BENCH_CHECK(cuda::MxFp4GroupedMatMul(h.as<float>(), I, c2.as<uint8_t>(), s2.as<uint8_t>(), d, r.groups,
+                                           r.offsets.as<int32_t>(), r.experts.as<int32_t>(), nullptr, y_old.as<float>(),
+                                           stream));
+    };
+    auto new_down = [&](const Routing& r) {
+      BENCH_CHECK(cuda::MxFp4GroupedMatMulDecode(h.as<float>(), I, c2.as<uint8_t>(), s2.as<uint8_t>(), d, r.groups,
+                                                 r.offsets.as<int32_t>(), r.experts.as<int32_t>(), nullptr,
+                                                 y_new.as<float>(), stream));
+    };
+    const double t_old_gu = TimeMs(stream, reps, [&] { old_gate_up(routes[turn++ % 8]); });
+    const double t_new_gu = TimeMs(stream, reps, [&] { new_gate_up(routes[turn++ % 8]); });
     turn = 0;
-    {
-      const Routing& r = routes[0];
-      BENCH_CHECK(cuda::MxFp4GroupedMatMul(x.as<float>(), d, c1.as<uint8_t>(), s1.as<uint8_t>(), I, r.groups,
-                                           r.offsets.as<int32_t>(), r.experts.as<int32_t>(), r.rows.as<int32_t>(),
-                                           g.as<float>(), stream));
-      BENCH_CHECK(cuda::MxFp4GroupedMatMul(x.as<float>(), d, c3.as<uint8_t>(), s3.as<uint8_t>(), I, r.groups,
-                                           r.offsets.as<int32_t>(), r.experts.as<int32_t>(), r.rows.as<int32_t>(),
-                                           u.as<float>(), stream));
-      BENCH_CHECK(cuda::SwiGlu(g.as<float>(), u.as<float>(), NK * I, limit, g.as<float>(), stream));
-      BENCH_CHECK(cuda::MxFp4GroupedGateUp(x.as<float>(), d, c1.as<uint8_t>(), s1.as<uint8_t>(), c3.as<uint8_t>(),
-                                           s3.as<uint8_t>(), I, limit, r.groups, r.offsets.as<int32_t>(),
-                                           r.experts.as<int32_t>(), r.rows.as<int32_t>(), h.as<float>(), stream));
-    }
+    old_gate_up(routes[0]);
+    new_gate_up(routes[0]);
     print_row("gate/up", tokens, active, t_old_gu, t_new_gu, 2 * active * expert_bytes, rel_diff(h, g, NK * I));
-    const double t_old_dn = TimeMs(stream, reps, [&] {
-      const Routing& r = routes[turn++ % 8];
-      BENCH_CHECK(cuda::MxFp4GroupedMatMul(h.as<float>(), I, c2.as<uint8_t>(), s2.as<uint8_t>(), d, r.groups,
-                                           r.offsets.as<int32_t>(), r.experts.as<int32_t>(), nullptr, y_old.as<float>(),
-                                           stream));
-    });
-    const double t_new_dn = TimeMs(stream, reps, [&] {
-      const Routing& r = routes[turn++ % 8];
-      BENCH_CHECK(cuda::MxFp4GroupedMatMulDecode(h.as<float>(), I, c2.as<uint8_t>(), s2.as<uint8_t>(), d, r.groups,
-                                                 r.offsets.as<int32_t>(), r.experts.as<int32_t>(), nullptr,
-                                                 y_new.as<float>(), stream));
-    });
-    {
-      const Routing& r = routes[0];
-      BENCH_CHECK(cuda::MxFp4GroupedMatMul(h.as<float>(), I, c2.as<uint8_t>(), s2.as<uint8_t>(), d, r.groups,
-                                           r.offsets.as<int32_t>(), r.experts.as<int32_t>(), nullptr, y_old.as<float>(),
-                                           stream));
-      BENCH_CHECK(cuda::MxFp4GroupedMatMulDecode(h.as<float>(), I, c2.as<uint8_t>(), s2.as<uint8_t>(), d, r.groups,
-                                                 r.offsets.as<int32_t>(), r.experts.as<int32_t>(), nullptr,
-                                                 y_new.as<float>(), stream));
-    }
+    const double t_old_dn = TimeMs(stream, reps, [&] { old_down(routes[turn++ % 8]); });
+    const double t_new_dn = TimeMs(stream, reps, [&] { new_down(routes[turn++ % 8]); });
+    old_down(routes[0]);
+    new_down(routes[0]);
     print_row("down", tokens, active, t_old_dn, t_new_dn, active * expert_bytes, rel_diff(y_new, y_old, NK * d));
   }
   // One expert, 1..64 rows (a dense-ish decode of a hot expert): 16 experts cycle.
@@ -269,7 +241,7 @@ void Run(bool quick) {
   cuda::Stream stream = Value(cuda::Stream::Create());
   cuda::Blas blas = Value(cuda::Blas::Create());
   std::printf("device: %s\n", Value(cuda::DeviceDescription(0)).c_str());
-  const double bw = MeasureBandwidth(stream.get());
+  const double bw = bench::MeasureCopyBandwidthGBs(stream.get());
   std::printf("HBM bandwidth (device copy): %.0f GB/s\n\n", bw);
 
   std::mt19937 rng(7);
@@ -479,7 +451,7 @@ int main(int argc, char** argv) {
   if (decode_only) {
     retort::cuda::Stream stream = retort::bench::Value(retort::cuda::Stream::Create());
     std::printf("device: %s\n", retort::bench::Value(retort::cuda::DeviceDescription(0)).c_str());
-    const double bw = retort::MeasureBandwidth(stream.get());
+    const double bw = retort::bench::MeasureCopyBandwidthGBs(stream.get());
     std::printf("HBM bandwidth (device copy): %.0f GB/s\n", bw);
     retort::RunDecode(stream.get(), bw);
     return 0;

@@ -491,9 +491,11 @@ struct CudaModel::Impl {
   // quantized by the RmsNorm that produces them (one launch, not one per
   // projection).
   bool QuantizeOnNorm(int64_t N) const { return dense_bf16 && options.fp8_activations && N < kFp8CublasMinRows; }
-  // y = RmsNorm(x); returns y's FP8 quantization too when QuantizeOnNorm.
-  absl::StatusOr<const uint16_t*> Norm(const float* x, int64_t N, int64_t D, const DeviceBuffer& w, float* y) {
-    if (!QuantizeOnNorm(N)) {
+  // y = RmsNorm(x); returns y's FP8 quantization too when QuantizeOnNorm and
+  // y feeds an FP8 projection (`fp8_consumer`), else nullptr.
+  absl::StatusOr<const uint16_t*> Norm(const float* x, int64_t N, int64_t D, const DeviceBuffer& w, float* y,
+                                       bool fp8_consumer) {
+    if (!fp8_consumer || !QuantizeOnNorm(N)) {
       RETURN_IF_ERROR(cuda::RmsNorm(x, N, D, w.as<float>(), Eps(), y, st()));
       return nullptr;
     }
@@ -560,7 +562,7 @@ struct CudaModel::Impl {
     const uint16_t* qrq = nullptr;  // qr's FP8 quantization (QuantizeOnNorm)
     auto q_path = [&]() -> absl::Status {
       RETURN_IF_ERROR(Apply(L.wq_a, x, N, qr, xq));
-      ASSIGN_OR_RETURN(qrq, Norm(qr, N, dc, L.q_norm, qr));
+      ASSIGN_OR_RETURN(qrq, Norm(qr, N, dc, L.q_norm, qr, L.wq_b.kind == WeightKind::kFp8));
       RETURN_IF_ERROR(Apply(L.wq_b, qr, N, q, qrq));
       return cuda::RmsNormRope(q, N, H, D, nullptr, Eps(), rd, d_positions, inv_freq[kind].as<float>(), q, st());
     };
@@ -897,13 +899,14 @@ struct CudaModel::Impl {
       RETURN_IF_ERROR(Mark("mhc+norm"));
       RETURN_IF_ERROR(cuda::HcPre(hp, X, N, L.attn_hc.fn.as<float>(), L.attn_hc.base.as<float>(),
                                   L.attn_hc.scale.as<float>(), u, post, comb, hc_scratch, st()));
-      ASSIGN_OR_RETURN(const uint16_t* xq, Norm(u, N, d, L.attn_norm, xn));
+      ASSIGN_OR_RETURN(const uint16_t* xq, Norm(u, N, d, L.attn_norm, xn, L.wq_a.kind == WeightKind::kFp8));
       RETURN_IF_ERROR(Attention(l, xn, xq, plan, F));
       RETURN_IF_ERROR(Mark("mhc+norm"));
       RETURN_IF_ERROR(cuda::HcPost(hp, F, post, comb, N, X, st()));
       RETURN_IF_ERROR(cuda::HcPre(hp, X, N, L.ffn_hc.fn.as<float>(), L.ffn_hc.base.as<float>(),
                                   L.ffn_hc.scale.as<float>(), u, post, comb, hc_scratch, st()));
-      ASSIGN_OR_RETURN(const uint16_t* fq, Norm(u, N, d, L.ffn_norm, xn));
+      ASSIGN_OR_RETURN(const uint16_t* fq,
+                       Norm(u, N, d, L.ffn_norm, xn, L.has_shared && L.sh_w1.kind == WeightKind::kFp8));
       RETURN_IF_ERROR(Moe(l, xn, fq, plan, F));
       RETURN_IF_ERROR(Mark("mhc+norm"));
       RETURN_IF_ERROR(cuda::HcPost(hp, F, post, comb, N, X, st()));
